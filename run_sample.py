@@ -1,0 +1,268 @@
+"""W-OoD driver: the single source of configuration; runs the steps switched on with --<step>_pass.
+
+    python run_sample.py --preset toy --train_cam_pass true --make_cam_pass true --eval_cam_pass true
+
+`--preset paper` gives the paper's configuration (SPEC sections 3-6) on real VOC; `--preset toy` the
+same pipeline scaled to ToyVOC on a CPU (data sizes, batch sizes, epochs and iteration counts only:
+the method's constants stay). Any flag given on the command line wins over the preset.
+"""
+import argparse
+import datetime
+import importlib
+import json
+import os
+import random
+import sys
+
+import numpy as np
+
+from misc.utils import InputError, save_json, str2bool
+
+# (switch name, module): the order in which one invocation runs them.
+STEPS = [
+    ("train_cam", "step.train_cam"),                 # train the in-distribution classifier
+    ("mine_ood", "step.mine_ood"),                   # mine hard OoD images from a candidate pool
+    ("train_wood", "step.train_wood"),               # W-OoD fine-tuning
+    ("make_cam", "step.make_cam"),                   # CAMs (of --make_cam_from: id or wood)
+    ("eval_cam", "step.eval_cam"),                   # threshold sweep on --eval_cam_dir
+    ("make_advcam", "step.make_advcam"),             # AdvCAM from the W-OoD classifier
+    ("eval_advcam", "step.eval_cam"),                # the same evaluation on --advcam_out_dir
+    ("cam_to_ir_label", "step.cam_to_ir_label"),     # confident IR labels (dense CRF)
+    ("train_irn", "step.train_irn"),
+    ("make_sem_seg", "step.make_sem_seg_labels"),    # random walk -> pseudo masks
+    ("eval_sem_seg", "step.eval_sem_seg"),
+]
+
+CAM_EVAL_THRES_PAPER = [0.08, 0.09, 0.10, 0.11, 0.12, 0.13, 0.14]
+
+# Values that differ between the presets. Everything else has one default in build_parser().
+PRESETS = {
+    "paper": dict(
+        voc12_root="Data/VOC2012",
+        pretrained=os.path.join("sess", "resnet50-19c8e357.pth"),
+        work_dir="result/paper",
+        ood_pool_root="WOoD_dataset", ood_pool_list="WOoD_dataset/candidates.txt",
+        ood_root="WOoD_dataset", ood_list="WOoD_dataset/ood_list.txt",
+        cam_weights_name="sess/res50_cam.pth", wood_weights_name="sess/res50_wood.pth",
+        irn_weights_name="sess/res50_irn.pth",
+    ),
+    "toy": dict(
+        voc12_root="Data/ToyVOC",
+        pretrained="none", backbone_width=16,
+        work_dir="result/toy",
+        ood_pool_root="WOoD_dataset/toy", ood_pool_list="WOoD_dataset/toy/candidates.txt",
+        ood_root="WOoD_dataset/toy", ood_list=None,  # the mined list, <work_dir>/ood_list.txt
+        cam_weights_name="sess/toy/res50_cam.pth", wood_weights_name="sess/toy/res50_wood.pth",
+        irn_weights_name="sess/toy/res50_irn.pth",
+        # sizes scaled from ~500 px VOC images to ~160 px toy images
+        cam_resize_long=[100, 200], cam_crop_size=160, ood_long_side=160, irn_crop_size=160,
+        cam_num_epoches=16, wood_num_epoches=5, irn_num_epoches=6,
+        cluster_K=8, adv_iter=8, num_workers=2,
+        cam_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
+        select_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
+    ),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    B = str2bool
+    g = p.add_argument_group("general")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--num_workers", type=int, default=8, help="data-loader workers / process-pool size")
+    g.add_argument("--work_dir", default=None, help="config, log, summary.json and step outputs go here")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--voc12_root", default=None, help="VOC2012 devkit folder + SegmentationClassAug")
+    g.add_argument("--train_list", default="train_aug", help="split name (train/val/train_aug) or list file")
+    g.add_argument("--val_list", default="val")
+    g.add_argument("--infer_list", default="train", help="images for make_cam/advcam/IR labels/random walk")
+    g.add_argument("--chainer_eval_set", default="train", help="images the eval steps score")
+    g.add_argument("--eval_name", default=None, help="summary.json entry name (default: evaluated folder)")
+
+    g = p.add_argument_group("backbone")
+    g.add_argument("--pretrained", default=None,
+                   help="torchvision ImageNet weights (path or URL), or 'none' (ToyVOC: train from scratch)")
+    g.add_argument("--backbone_width", type=int, default=64, help="64 = the real ResNet-50")
+    g.add_argument("--real_momentum", type=float, default=None,
+                   help="use this SGD momentum instead of the original's 1e-4 quirk (Deviations)")
+
+    g = p.add_argument_group("train_cam: the ID classifier (SPEC 4.1)")
+    g.add_argument("--cam_batch_size", type=int, default=16)
+    g.add_argument("--cam_num_epoches", type=int, default=5)
+    g.add_argument("--cam_learning_rate", type=float, default=0.1)
+    g.add_argument("--cam_weight_decay", type=float, default=1e-4)
+    g.add_argument("--cam_crop_size", type=int, default=512)
+    g.add_argument("--cam_resize_long", type=int, nargs=2, default=[320, 640])
+    g.add_argument("--cam_weights_name", default=None, help="ID classifier weights (written by train_cam)")
+
+    g = p.add_argument_group("make_cam / eval_cam (SPEC 4.4, 4.5)")
+    g.add_argument("--cam_scales", type=float, nargs="+", default=[1.0, 0.5, 1.5, 2.0])
+    g.add_argument("--make_cam_from", choices=["id", "wood"], default="wood",
+                   help="which classifier make_cam uses: the ID classifier or the W-OoD one")
+    g.add_argument("--cam_out_dir", default=None, help="default <work_dir>/wood_cam")
+    g.add_argument("--eval_cam_dir", default=None, help="what eval_cam scores (default --cam_out_dir)")
+    g.add_argument("--cam_eval_thres", type=float, nargs="+", default=CAM_EVAL_THRES_PAPER)
+
+    g = p.add_argument_group("mine_ood (SPEC 4.2)")
+    g.add_argument("--ood_pool_root", default=None, help="folder of candidate OoD images")
+    g.add_argument("--ood_pool_list", default=None, help="candidate paths relative to --ood_pool_root")
+    g.add_argument("--mine_th", type=float, default=0.5, help="keep candidates with max sigmoid > this")
+    g.add_argument("--mine_max_keep", type=int, default=None, help="cap on the number kept")
+    g.add_argument("--mine_exclude", default=None, help="file of candidate paths rejected by a human")
+
+    g = p.add_argument_group("train_wood (SPEC 4.3)")
+    g.add_argument("--ood_root", default=None)
+    g.add_argument("--ood_list", default=None, help="hard OoD paths relative to --ood_root "
+                                                     "(default <work_dir>/ood_list.txt, written by mine_ood)")
+    g.add_argument("--ood_long_side", type=int, default=500, help="OoD resize for prototypes and mining")
+    g.add_argument("--wood_batch_size", type=int, default=16)
+    g.add_argument("--ood_batch_size", type=int, default=16)
+    g.add_argument("--wood_num_epoches", type=int, default=5)
+    g.add_argument("--wood_learning_rate", type=float, default=0.1)
+    g.add_argument("--wood_weight_decay", type=float, default=1e-4)
+    g.add_argument("--cluster_K", type=int, default=50)
+    g.add_argument("--kmeans_iter", type=int, default=10)
+    g.add_argument("--distance_lambda", type=float, default=0.007)
+    g.add_argument("--ood_dist_topk", type=float, default=0.2, help="tau of the OoD distance selection")
+    g.add_argument("--ood_coeff", type=float, default=0.25)
+    g.add_argument("--ood_adv_step", type=float, default=0.07, help="anti-adversarial step on OoD images")
+    g.add_argument("--ood_mask_class", type=int, default=4, help="OoD images whose arg-max is this are "
+                                                                  "masked out (4 = bottle, as released)")
+    g.add_argument("--select_by_gt", type=B, default=True,
+                   help="released code: keep the weights with the best train-set CAM mIoU (uses GT)")
+    g.add_argument("--select_scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
+    g.add_argument("--select_eval_thres", type=float, nargs="+", default=[0.06, 0.08, 0.10, 0.12])
+    g.add_argument("--select_every", type=int, default=10)
+    g.add_argument("--wood_empty_cluster", choices=["keep"], default="keep",
+                   help="an empty K-means cluster keeps its centroid (the original divides by zero)")
+
+    g = p.add_argument_group("make_advcam (SPEC 4.6)")
+    g.add_argument("--make_advcam_from", choices=["id", "wood"], default="wood")
+    g.add_argument("--adv_iter", type=int, default=27)
+    g.add_argument("--AD_coeff", type=float, default=7.0)
+    g.add_argument("--AD_stepsize", type=float, default=0.08)
+    g.add_argument("--score_th", type=float, default=0.5, help="mask threshold of the AD regulariser")
+    g.add_argument("--advcam_out_dir", default=None, help="default <work_dir>/wood_advcam")
+
+    g = p.add_argument_group("cam_to_ir_label (SPEC 5.1)")
+    g.add_argument("--ir_label_cam_dir", default=None, help="seeds for IR labels (default --advcam_out_dir)")
+    g.add_argument("--conf_fg_thres", type=float, default=0.30)
+    g.add_argument("--conf_bg_thres", type=float, default=0.15)
+    g.add_argument("--ir_label_out_dir", default=None, help="default <work_dir>/ir_label")
+
+    g = p.add_argument_group("train_irn (SPEC 5.2)")
+    g.add_argument("--irn_crop_size", type=int, default=512)
+    g.add_argument("--irn_batch_size", type=int, default=32)
+    g.add_argument("--irn_num_epoches", type=int, default=3)
+    g.add_argument("--irn_learning_rate", type=float, default=0.1)
+    g.add_argument("--irn_weight_decay", type=float, default=1e-4)
+    g.add_argument("--irn_radius", type=int, default=10, help="search radius on the label grid")
+    g.add_argument("--irn_weights_name", default=None)
+
+    g = p.add_argument_group("make_sem_seg / eval_sem_seg (SPEC 5.3, 5.4)")
+    g.add_argument("--sem_seg_cam_dir", default=None, help="seeds of the random walk "
+                                                            "(default --ir_label_cam_dir)")
+    g.add_argument("--beta", type=int, default=10)
+    g.add_argument("--exp_times", type=int, default=8)
+    g.add_argument("--rw_radius", type=int, default=5)
+    g.add_argument("--sem_seg_bg_thres", type=float, default=0.22)
+    g.add_argument("--np_power", type=float, default=1.5)
+    g.add_argument("--sem_seg_out_dir", default=None, help="default <work_dir>/pseudo_mask")
+
+    g = p.add_argument_group("steps to run")
+    for name, _ in STEPS:
+        g.add_argument(f"--{name}_pass", type=B, default=False, metavar="true|false")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse twice: first the preset, then everything with the preset's values as defaults."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**PRESETS[known.preset])
+    args = parser.parse_args(argv)
+    resolve_defaults(args)
+    return args
+
+
+def resolve_defaults(args):
+    """Fill the defaults that derive from other flags (all in one place)."""
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = args.work_dir
+    args.cam_out_dir = args.cam_out_dir or os.path.join(w, "wood_cam")
+    args.eval_cam_dir = args.eval_cam_dir or args.cam_out_dir
+    args.advcam_out_dir = args.advcam_out_dir or os.path.join(w, "wood_advcam")
+    args.ir_label_cam_dir = args.ir_label_cam_dir or args.advcam_out_dir
+    args.sem_seg_cam_dir = args.sem_seg_cam_dir or args.ir_label_cam_dir
+    args.ir_label_out_dir = args.ir_label_out_dir or os.path.join(w, "ir_label")
+    args.sem_seg_out_dir = args.sem_seg_out_dir or os.path.join(w, "pseudo_mask")
+    args.ood_list = args.ood_list or os.path.join(w, "ood_list.txt")
+
+
+def seed_everything(seed):
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _Tee:
+    """Copy what the steps print to the run's log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.stream.write(text)
+        self.log.write(text)
+        self.log.flush()
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.work_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    save_json(os.path.join(args.work_dir, f"config-{stamp}.json"), vars(args))
+    log = open(os.path.join(args.work_dir, "run.log"), "a")
+    sys.stdout = _Tee(sys.stdout, log)
+    print(f"== run_sample.py {stamp} config: " + json.dumps(vars(args), sort_keys=True))
+    seed_everything(args.seed)
+    try:
+        for name, module in STEPS:
+            if not getattr(args, f"{name}_pass"):
+                continue
+            try:
+                step = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name != module:
+                    raise
+                raise InputError(f"step {name} ({module.replace('.', '/')}.py) is not implemented yet; "
+                                 f"run with --{name}_pass false") from None
+            print(f"== step {name}")
+            started = datetime.datetime.now()
+            if name == "eval_advcam":
+                step.run(argparse.Namespace(**{**vars(args), "eval_cam_dir": args.advcam_out_dir}))
+            else:
+                step.run(args)
+            print(f"== step {name} done in {(datetime.datetime.now() - started).total_seconds():.1f} s")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        log.write(f"error: {e}\n")
+        return 2
+    finally:
+        sys.stdout = sys.stdout.stream
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
