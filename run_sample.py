@@ -113,6 +113,7 @@ def build_parser():
 
     g = p.add_argument_group("train_wood (SPEC 4.3)")
     g.add_argument("--ood_root", default=None)
+    g.add_argument("--wood_weights_name", default=None, help="W-OoD classifier weights (written by train_wood)")
     g.add_argument("--ood_list", default=None, help="hard OoD paths relative to --ood_root "
                                                      "(default <work_dir>/ood_list.txt, written by mine_ood)")
     g.add_argument("--ood_long_side", type=int, default=500, help="OoD resize for prototypes and mining")
@@ -158,7 +159,7 @@ def build_parser():
     g.add_argument("--irn_learning_rate", type=float, default=0.1)
     g.add_argument("--irn_weight_decay", type=float, default=1e-4)
     g.add_argument("--irn_radius", type=int, default=10, help="search radius on the label grid")
-    g.add_argument("--irn_weights_name", default=None)
+    g.add_argument("--irn_weights_name", default=None, help="IRN weights (written by train_irn)")
 
     g = p.add_argument_group("make_sem_seg / eval_sem_seg (SPEC 5.3, 5.4)")
     g.add_argument("--sem_seg_cam_dir", default=None, help="seeds of the random walk "

@@ -1,0 +1,219 @@
+"""CAM classifier (SPEC 2.2), IRN's net/resnet50_cam.py: ResNet-50 stages + a 1x1 conv classifier.
+
+Parameter names (our canonical state dict) are those of the original's `stage1..stage4` and
+`classifier`: stage1 = Sequential(conv1, bn1, relu, maxpool, layer1), stage2..4 = Sequential(layerN).
+The original also registers the same modules as `resnet50.*`, `backbone.<i>.*` and
+`newly_added.0.*`, so its checkpoints list every tensor under several names; `load_cam_state` maps
+all of them onto ours (and checks that the copies agree).
+
+Two training modes (`Net(...)` arguments):
+- the paper's (ImageNet weights): frozen BatchNorm, conv1/bn1 never trained, stage2's output detached
+  in `forward` (only stage3, stage4 and the classifier learn: the IRN ID-classifier recipe);
+- ToyVOC from scratch (`--pretrained none`, README "Deviations"): ordinary BatchNorm, every layer
+  trained, nothing detached. Every later step rebuilds the net with frozen BatchNorm and loads those
+  weights (`load_classifier`), so the learnt statistics are then frozen as ImageNet's are.
+"""
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from misc.torchutils import gap2d
+from misc.utils import InputError, load_torch, require_file
+from net.resnet50 import resnet50
+
+N_CLASSES = 20
+STRIDES = (2, 2, 2, 1)
+# lr multipliers of the optimizer groups (backbone, classifier), SPEC 2.2
+PARAM_GROUP_LR_MULT = (1, 10)
+
+
+class Net(nn.Module):
+    """Classification forward: stage1..4 -> GAP -> classifier -> logits (B, 20).
+
+    `detach_stage2`: detach stage2's output in `forward` (the IRN recipe of train_cam); the other
+    methods never detach. `train_stem`: whether conv1/bn1 are trainable (only when training from
+    scratch).
+    """
+
+    def __init__(self, pretrained="none", width=64, frozen_bn=True, detach_stage2=True, train_stem=False,
+                 n_classes=N_CLASSES):
+        super().__init__()
+        backbone = resnet50(pretrained=pretrained, strides=STRIDES, width=width, frozen_bn=frozen_bn)
+        self.stage1 = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool,
+                                    backbone.layer1)
+        self.stage2 = nn.Sequential(backbone.layer2)
+        self.stage3 = nn.Sequential(backbone.layer3)
+        self.stage4 = nn.Sequential(backbone.layer4)
+        self.classifier = nn.Conv2d(backbone.out_channels, n_classes, 1, bias=False)
+        self.n_classes = n_classes
+        self.out_channels = backbone.out_channels
+        self.detach_stage2 = detach_stage2
+        for p in self.stem_parameters():
+            p.requires_grad = train_stem
+
+    def stem_parameters(self):
+        """conv1 and bn1 (stage1[0], stage1[1]): never trained from ImageNet weights (SPEC 2.1)."""
+        return list(self.stage1[0].parameters()) + list(self.stage1[1].parameters())
+
+    def forward(self, x):
+        x = self.stage2(self.stage1(x))
+        if self.detach_stage2:
+            x = x.detach()
+        x = self.stage4(self.stage3(x))
+        return self.classifier(gap2d(x, keepdims=True)).view(-1, self.n_classes)
+
+    def feature_list(self, x):
+        """(logits, [stage2 output, stage3 output, GAP(stage4 output) (B, C)]); nothing detached."""
+        x2 = self.stage2(self.stage1(x))
+        x3 = self.stage3(x2)
+        pooled = gap2d(self.stage4(x3), keepdims=True)
+        logits = self.classifier(pooled).view(-1, self.n_classes)
+        return logits, [x2, x3, pooled.view(pooled.size(0), -1)]
+
+    def stage4_features(self, x):
+        """stage4's output (B, C, h/16, w/16); nothing detached (AdvCAM differentiates through it)."""
+        return self.stage4(self.stage3(self.stage2(self.stage1(x))))
+
+    def class_maps(self, x):
+        """Raw (pre-ReLU) class activation maps `conv2d(stage4(x), classifier.weight)`: (B, 20, h', w')."""
+        return F.conv2d(self.stage4_features(x), self.classifier.weight)
+
+    def id_param_groups(self):
+        """(trainable backbone parameters, classifier parameters) for train_cam.
+
+        From ImageNet weights this is stage1's layer1 .. stage4 (conv1/bn1 have requires_grad False);
+        with stage2 detached only stage3/stage4 ever get gradients (SGD skips the others, as in the
+        original, which passes the whole backbone). From scratch it is every backbone parameter.
+        """
+        backbone = [p for stage in (self.stage1, self.stage2, self.stage3, self.stage4)
+                    for p in stage.parameters() if p.requires_grad]
+        return backbone, list(self.classifier.parameters())
+
+    def wood_param_groups(self):
+        """(stage3 + stage4 parameters, classifier parameters) for W-OoD fine-tuning (SPEC 2.2)."""
+        return (list(self.stage3.parameters()) + list(self.stage4.parameters()),
+                list(self.classifier.parameters()))
+
+
+class CAM(Net):
+    """CAM forward on an MSF pair (2, 3, h, w) = [x, flip_w(x)]: `A[0] + flip_w(A[1])`, A = relu(maps)."""
+
+    def forward(self, x):
+        return self.forward_pairs(x.unsqueeze(0))[0]
+
+    def forward_pairs(self, pairs):
+        """Several MSF pairs of one size at once: (B, 2, 3, h, w) -> (B, 20, h', w')."""
+        maps = F.relu(self.class_maps(pairs.flatten(0, 1)))
+        maps = maps.view(pairs.size(0), 2, *maps.shape[1:])
+        return maps[:, 0] + maps[:, 1].flip(-1)
+
+
+# --------------------------------------------------------------------------- building and loading
+
+def new_id_classifier(args):
+    """The ID classifier to train (train_cam): the paper's recipe, or from scratch for --pretrained none."""
+    if str(args.pretrained).lower() == "none":
+        return Net(pretrained="none", width=args.backbone_width, frozen_bn=False, detach_stage2=False,
+                   train_stem=True)
+    return Net(pretrained=args.pretrained, width=args.backbone_width, frozen_bn=True, detach_stage2=True,
+               train_stem=False)
+
+
+def load_classifier(args, weights_path, cls=CAM, hint="run train_cam (--train_cam_pass true) first"):
+    """A trained classifier for every step after train_cam: frozen BatchNorm, nothing detached,
+    conv1/bn1 frozen, weights from `weights_path`, on args.device, in eval mode.
+
+    `cls` is CAM (CAM forward) or Net (classification forward, feature_list). `hint` completes the
+    error message when the file is missing.
+    """
+    require_file(weights_path, f"the classifier weights (.pth); {hint}")
+    model = cls(pretrained="none", width=args.backbone_width, frozen_bn=True, detach_stage2=False,
+                train_stem=False)
+    load_cam_state(model, weights_path)
+    return model.to(torch.device(args.device)).eval()
+
+
+# The original module lists each tensor under several names; (pattern, replacement) to ours.
+_ALIASES = [
+    (re.compile(r"^resnet50\.conv1\."), "stage1.0."),
+    (re.compile(r"^resnet50\.bn1\."), "stage1.1."),
+    (re.compile(r"^resnet50\.layer1\."), "stage1.4."),
+    (re.compile(r"^resnet50\.layer([234])\."), r"stage\1.0."),
+    (re.compile(r"^backbone\.([0-3])\."), lambda m: f"stage{int(m.group(1)) + 1}."),
+    (re.compile(r"^newly_added\.0\."), "classifier."),
+]
+_OPTIONAL_SUFFIX = ".num_batches_tracked"  # absent from checkpoints of old PyTorch; unused by the net
+_MAX_LISTED = 8
+
+
+def canonical_key(key):
+    """Our parameter name for a key of our own or of the original's state dict (unchanged if unknown)."""
+    for pattern, replacement in _ALIASES:
+        new, n = pattern.subn(replacement, key)
+        if n:
+            return new
+    return key
+
+
+def _listed(keys):
+    keys = sorted(keys)
+    more = f" ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def canonical_state(state, source="state dict"):
+    """Map every alias to our names; InputError if two aliases of one tensor differ."""
+    if not isinstance(state, dict):
+        raise InputError(f"{source} is not a state dict (got {type(state).__name__})")
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    merged, origin = {}, {}
+    for key, value in state.items():
+        name = canonical_key(key)
+        if name in merged:
+            first = merged[name]
+            if first.shape != value.shape or not torch.equal(first, value):
+                raise InputError(f"{source}: {origin[name]} and {key} name the same tensor ({name}) but "
+                                 f"differ; the checkpoint is inconsistent")
+            continue
+        merged[name], origin[name] = value, key
+    return merged, origin
+
+
+def load_cam_state(model, path_or_state, source=None):
+    """Load our own or the original's (alias-keyed) CAM state dict into `model`, strictly.
+
+    InputError naming the file and the missing / unexpected / mis-shaped keys for anything else.
+    """
+    if isinstance(path_or_state, (str, os.PathLike)):
+        source = source or str(path_or_state)
+        state = load_torch(path_or_state)
+    else:
+        state, source = path_or_state, source or "the given state dict"
+    merged, origin = canonical_state(state, source)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in merged and not k.endswith(_OPTIONAL_SUFFIX)]
+    unexpected = [origin[k] for k in merged if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_listed(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
+        raise InputError(f"{source} is not a complete ResNet-50 CAM classifier state dict "
+                         f"({'; '.join(parts)}); the file is truncated or belongs to another network")
+    wrong = [f"{origin[k]} {tuple(merged[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in merged and merged[k].shape != v.shape]
+    if wrong:
+        raise InputError(f"{source}: {len(wrong)} tensor(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}; "
+                         f"was it trained with another --backbone_width (now {model.out_channels // 32})?")
+    for k, v in expected.items():
+        if k not in merged:  # only optional counters reach here
+            merged[k] = v
+    model.load_state_dict(merged, strict=True)
+    return model

@@ -1,0 +1,186 @@
+"""Make CAMs (SPEC 4.4): multi-scale + flip CAMs of the label classes, one .npz per image.
+
+Output `<cam_out_dir>/<id>.npz`: `keys` (int64, ascending label classes), `cam` (n_keys, strided size)
+and `high_res` (n_keys, H, W), float32, each class map divided by its own maximum + 1e-5.
+
+Batching: one forward per scale takes the image and its flip together (the MSF pair). Resumable: ids
+whose .npz exists are skipped. On CPU with --num_workers > 1 the pending ids are split over that many
+processes (one torch thread each); on a GPU one process, with --num_workers data-loader workers.
+
+The maths is in pure functions reused elsewhere: `cam_maps` (W-OoD's checkpoint selection computes
+CAMs in memory), `accumulate_scale_maps` / `normalise_per_class` (AdvCAM builds its output from its
+own per-scale maps).
+"""
+import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from misc.utils import pending, save_npz
+from net.resnet50_cam import CAM, load_classifier
+from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
+
+CAM_STRIDE = 4          # `cam` is saved at 1/4 of the image size
+BACKBONE_STRIDE = 16    # high_res is upsampled to the next multiple of 16, then cropped
+NORM_EPS = 1e-5         # per-class max normalisation: map / (max + 1e-5)
+CHUNKS_PER_PROCESS = 8  # CPU process pool: work is handed out in about this many pieces per process
+
+
+# --------------------------------------------------------------------------------------------- maths
+
+def strided_size(size, stride=CAM_STRIDE):
+    """((H-1)//s+1, (W-1)//s+1): the size of a stride-s map of an (H, W) image."""
+    return (size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1
+
+
+def strided_up_size(size, stride=BACKBONE_STRIDE):
+    """(H, W) rounded up to multiples of `stride`."""
+    return ((size[0] - 1) // stride + 1) * stride, ((size[1] - 1) // stride + 1) * stride
+
+
+def accumulate_scale_maps(scale_maps, size):
+    """Sum over scales of per-scale maps resized to the image (SPEC 4.4), not normalised.
+
+    `scale_maps`: list over scales of (n, h', w') tensors. Returns (strided (n, (H-1)//4+1, (W-1)//4+1),
+    high_res (n, H, W)): bilinear (align_corners=False) resizes to the strided size, and to the
+    strided-up size cropped to (H, W), summed over scales in list order.
+    """
+    height, width = int(size[0]), int(size[1])
+    small, up = strided_size((height, width)), strided_up_size((height, width))
+    strided = torch.stack([F.interpolate(m.unsqueeze(0), small, mode="bilinear", align_corners=False)[0]
+                           for m in scale_maps]).sum(0)
+    high_res = torch.stack([F.interpolate(m.unsqueeze(0), up, mode="bilinear", align_corners=False)[0]
+                            for m in scale_maps]).sum(0)[:, :height, :width]
+    return strided, high_res
+
+
+def normalise_per_class(maps):
+    """Each (.., h, w) map divided by its own maximum + 1e-5."""
+    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + NORM_EPS)
+
+
+def scale_maps_to_cam(scale_maps, size):
+    """Per-scale maps of the kept classes, list of (n, h', w') -> normalised (cam, high_res) (SPEC 4.4)."""
+    strided, high_res = accumulate_scale_maps(scale_maps, size)
+    return normalise_per_class(strided), normalise_per_class(high_res)
+
+
+def keep_label_classes(strided, high_res, label):
+    """Keep the label classes (ascending) and normalise: -> (keys int64 (n,), cam (n, h, w), high_res (n, H, W))."""
+    keys = torch.nonzero(torch.as_tensor(label).reshape(-1))[:, 0]
+    keys_dev = keys.to(strided.device)
+    return keys, normalise_per_class(strided[keys_dev]), normalise_per_class(high_res[keys_dev])
+
+
+def cam_maps(model, msf_imgs, size):
+    """All-class CAMs of one image: (strided (20, h, w), high_res (20, H, W)), not normalised.
+
+    `model` is a CAM net; `msf_imgs` the MSF list over scales of (2, 3, h_s, w_s) pairs; `size` (H, W).
+    One forward per scale; the caller chooses the grad mode (make_cam runs under inference_mode).
+    """
+    device = next(model.parameters()).device
+    outputs = [model(torch.as_tensor(pair).to(device)) for pair in msf_imgs]
+    return accumulate_scale_maps(outputs, size)
+
+
+def image_cam(model, msf_imgs, size, label):
+    """The saved arrays of one image: dict(keys, cam, high_res) as numpy (int64, float32, float32)."""
+    strided, high_res = cam_maps(model, msf_imgs, size)
+    keys, cam, high_res = keep_label_classes(strided, high_res, label)
+    return {"keys": keys.cpu().numpy().astype(np.int64), "cam": cam.float().cpu().numpy(),
+            "high_res": high_res.float().cpu().numpy()}
+
+
+# -------------------------------------------------------------------------------------------- I/O
+
+def cam_path(out_dir, img_id):
+    return os.path.join(out_dir, img_id + ".npz")
+
+
+def _size(pack_size):
+    return int(pack_size[0]), int(pack_size[1])
+
+
+def _write_pack(model, pack, out_dir):
+    arrays = image_cam(model, pack["img"], _size(pack["size"]), pack["label"])
+    save_npz(cam_path(out_dir, pack["name"]), **arrays)
+
+
+def weights_of(args):
+    """The classifier make_cam uses (--make_cam_from) and how to produce it if missing."""
+    if args.make_cam_from == "id":
+        return args.cam_weights_name, "run train_cam (--train_cam_pass true) first"
+    return args.wood_weights_name, "run train_wood (--train_wood_pass true) first, or use --make_cam_from id"
+
+
+# per-process state of the CPU pool (set once by _init_worker)
+_WORKER = {}
+
+
+def _init_worker(args, weights, hint, ids):
+    torch.set_num_threads(1)
+    _WORKER["model"] = load_classifier(args, weights, cls=CAM, hint=hint)
+    _WORKER["dataset"] = VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales)
+    _WORKER["out_dir"] = args.cam_out_dir
+
+
+def _work_chunk(indices):
+    dataset = _WORKER["dataset"]
+    with torch.inference_mode():
+        for i in indices:
+            _write_pack(_WORKER["model"], dataset[i], _WORKER["out_dir"])
+    return len(indices)
+
+
+def _run_pool(args, weights, hint, ids):
+    n_proc = min(args.num_workers, len(ids))
+    chunk = max(1, math.ceil(len(ids) / (n_proc * CHUNKS_PER_PROCESS)))
+    chunks = [list(range(i, min(i + chunk, len(ids)))) for i in range(0, len(ids), chunk)]
+    # spawn: a forked child of a process that already ran OpenMP/torch threads can deadlock
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(n_proc, mp_context=context, initializer=_init_worker,
+                             initargs=(args, weights, hint, ids)) as pool, \
+            tqdm(total=len(ids), desc="make_cam", unit="img") as bar:
+        futures = [pool.submit(_work_chunk, c) for c in chunks]
+        try:
+            for future in as_completed(futures):
+                bar.update(future.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _run_single(args, model, dataset):
+    device = torch.device(args.device)
+    # batch_size=None: one image per item, its MSF list kept as is
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    with torch.inference_mode():
+        for pack in tqdm(loader, desc="make_cam", unit="img"):
+            _write_pack(model, pack, args.cam_out_dir)
+
+
+def run(args):
+    weights, hint = weights_of(args)
+    ids = load_img_name_list(args.voc12_root, args.infer_list)
+    todo = pending(ids, lambda i: cam_path(args.cam_out_dir, i))
+    print(f"make_cam: {len(ids)} images of {args.infer_list}, {len(ids) - len(todo)} already in "
+          f"{args.cam_out_dir}, weights {weights}, scales {args.cam_scales}")
+    if not todo:
+        return
+    # built here first so that bad weights or missing images fail at once, with a clear message
+    model = load_classifier(args, weights, cls=CAM, hint=hint)
+    dataset = VOC12ClassificationDatasetMSF(todo, args.voc12_root, scales=args.cam_scales)
+    os.makedirs(args.cam_out_dir, exist_ok=True)
+    if torch.device(args.device).type == "cpu" and args.num_workers > 1 and len(todo) > 1:
+        del model, dataset
+        _run_pool(args, weights, hint, todo)
+    else:
+        _run_single(args, model, dataset)

@@ -1,0 +1,82 @@
+"""Train the in-distribution classifier (SPEC 4.1), IRN's step/train_cam.py.
+
+train_aug with the classification training recipe (random resize-long, flip, random crop),
+multilabel soft-margin loss, PolyOptimizer (backbone lr x1, classifier lr x10, SPEC 3). After each
+epoch the same loss on the val list (top-left crop). The state dict is saved atomically at the end;
+the step is the unit of resumption: if the weights file exists, it is kept and training is skipped.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from misc.torchutils import make_poly_optimizer
+from misc.utils import InputError, save_torch
+from net.resnet50_cam import PARAM_GROUP_LR_MULT, new_id_classifier
+from voc12.dataloader import VOC12ClassificationDataset
+
+
+def classification_loss(logits, labels):
+    return F.multilabel_soft_margin_loss(logits, labels)
+
+
+def validation_loss(model, loader, device):
+    """Mean per-image loss over the whole loader, in eval mode (restores train mode after)."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for pack in loader:
+            logits = model(pack["img"].to(device))
+            labels = pack["label"].to(device)
+            total += classification_loss(logits, labels).item() * labels.size(0)
+            count += labels.size(0)
+    model.train()
+    return total / max(count, 1)
+
+
+def run(args):
+    if os.path.isfile(args.cam_weights_name):
+        print(f"train_cam: {args.cam_weights_name} exists; keeping it (delete it to train again)")
+        return
+    device = torch.device(args.device)
+    train_dataset = VOC12ClassificationDataset.for_training(
+        args.train_list, args.voc12_root, resize_long=args.cam_resize_long, crop_size=args.cam_crop_size)
+    val_dataset = VOC12ClassificationDataset.for_validation(args.val_list, args.voc12_root,
+                                                            crop_size=args.cam_crop_size)
+    steps_per_epoch = len(train_dataset) // args.cam_batch_size
+    if steps_per_epoch == 0:
+        raise InputError(f"the training list {args.train_list} has {len(train_dataset)} images, fewer than "
+                         f"one batch (--cam_batch_size {args.cam_batch_size})")
+    max_step = steps_per_epoch * args.cam_num_epoches
+    pin = device.type == "cuda"
+    train_loader = DataLoader(train_dataset, batch_size=args.cam_batch_size, shuffle=True, drop_last=True,
+                              num_workers=args.num_workers, pin_memory=pin)
+    # every val image counts (the original also drops val's last incomplete batch; report only)
+    val_loader = DataLoader(val_dataset, batch_size=args.cam_batch_size, shuffle=False,
+                            num_workers=args.num_workers, pin_memory=pin)
+
+    model = new_id_classifier(args).to(device)
+    optimizer = make_poly_optimizer(zip(model.id_param_groups(), PARAM_GROUP_LR_MULT), args.cam_learning_rate,
+                                    args.cam_weight_decay, max_step, args.real_momentum)
+    print(f"train_cam: {len(train_dataset)} images, {steps_per_epoch} steps x {args.cam_num_epoches} epochs, "
+          f"batch {args.cam_batch_size}, pretrained {args.pretrained}, width {args.backbone_width}, "
+          f"device {device}")
+    model.train()
+    for epoch in range(args.cam_num_epoches):
+        bar = tqdm(train_loader, desc=f"train_cam epoch {epoch + 1}/{args.cam_num_epoches}", unit="batch")
+        epoch_loss = 0.0
+        for step, pack in enumerate(bar, 1):
+            logits = model(pack["img"].to(device, non_blocking=True))
+            loss = classification_loss(logits, pack["label"].to(device, non_blocking=True))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.item()
+            bar.set_postfix(loss=f"{epoch_loss / step:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        val = validation_loss(model, val_loader, device)
+        print(f"train_cam epoch {epoch + 1}/{args.cam_num_epoches}: train loss {epoch_loss / steps_per_epoch:.4f}, "
+              f"val loss {val:.4f}")
+    save_torch(args.cam_weights_name, model.state_dict())
+    print(f"train_cam: saved {args.cam_weights_name}")

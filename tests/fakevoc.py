@@ -1,0 +1,88 @@
+"""A tiny fake PASCAL VOC 2012 folder for tests (the layout of SPEC 1.1, a few small images).
+
+    from fakevoc import make_fake_voc
+    info = make_fake_voc(tmp_path / "VOC2012", n_train=4, n_val=2, size=64, seed=0)
+
+Each image shows one or two classes (of the first `n_classes` VOC classes) as coloured rectangles on a
+noisy background; the ground truth marks them with `class + 1`, a 1-pixel void (255) border around each
+object, and background 0. Written: JPEGImages/<id>.jpg, Annotations/<id>.xml, SegmentationClass/<id>.png
+(palette PNG), SegmentationClassAug/<id>.png (single-channel PNG) for every id, and
+ImageSets/Segmentation/{train,val,trainval}.txt. `n_aug_only` extra ids have only an Aug label, so
+`train_aug` = train + those ids. Images are `size x size` unless `sizes` gives a list of (H, W) that is
+cycled over the images (to test non-square, non-multiple-of-16 shapes).
+
+Returns a dict: root, train, val, aug_only (id lists), labels {id: (20,) float32 multi-hot},
+gt {id: (H, W) uint8}.
+"""
+import os
+
+import numpy as np
+from PIL import Image
+
+from misc.utils import palette_voc
+
+CAT_LIST = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+            "train", "tvmonitor"]
+
+
+def _xml(img_id, h, w, objects):
+    parts = [f"<annotation><folder>VOC2012</folder><filename>{img_id}.jpg</filename>",
+             f"<size><width>{w}</width><height>{h}</height><depth>3</depth></size>"]
+    for cls, (y0, x0, y1, x1) in objects:
+        parts.append(f"<object><name>{CAT_LIST[cls]}</name><difficult>0</difficult><truncated>0</truncated>"
+                     f"<bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax>"
+                     f"</bndbox></object>")
+    parts.append("</annotation>")
+    return "\n".join(parts)
+
+
+def _draw(rng, h, w, classes):
+    """An RGB uint8 image and its ground truth for the given class indices."""
+    img = rng.integers(0, 60, size=(h, w, 3)).astype(np.int32) + 40
+    gt = np.zeros((h, w), np.uint8)
+    objects = []
+    for cls in classes:
+        bh, bw = int(rng.integers(h // 4, h // 2 + 1)), int(rng.integers(w // 4, w // 2 + 1))
+        y0, x0 = int(rng.integers(1, h - bh)), int(rng.integers(1, w - bw))
+        y1, x1 = y0 + bh, x0 + bw
+        colour = np.array([(37 * (cls + 1)) % 200 + 55, (91 * (cls + 1)) % 200 + 55, (53 * (cls + 3)) % 200 + 55])
+        img[y0:y1, x0:x1] = colour + rng.integers(-10, 11, size=(bh, bw, 3))
+        gt[y0 - 1:y1 + 1, x0 - 1:x1 + 1] = 255  # void border, overwritten inside by the object
+        gt[y0:y1, x0:x1] = cls + 1
+        objects.append((cls, (y0, x0, y1, x1)))
+    return np.clip(img, 0, 255).astype(np.uint8), gt, objects
+
+
+def make_fake_voc(root, n_train=4, n_val=2, size=64, seed=0, n_aug_only=2, n_classes=3, sizes=None):
+    root = os.fspath(root)
+    for sub in ["JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug",
+                os.path.join("ImageSets", "Segmentation")]:
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n_total = n_train + n_val + n_aug_only
+    ids = [f"2007_{i + 1:06d}" for i in range(n_total)]
+    info = {"root": root, "train": ids[:n_train], "val": ids[n_train:n_train + n_val],
+            "aug_only": ids[n_train + n_val:], "labels": {}, "gt": {}}
+    palette = list(palette_voc().reshape(-1))
+    for k, img_id in enumerate(ids):
+        h, w = sizes[k % len(sizes)] if sizes else (size, size)
+        n_obj = 1 + int(rng.integers(0, 2))
+        classes = sorted(rng.choice(n_classes, size=min(n_obj, n_classes), replace=False).tolist())
+        img, gt, objects = _draw(rng, h, w, classes)
+        Image.fromarray(img).save(os.path.join(root, "JPEGImages", img_id + ".jpg"), quality=95)
+        with open(os.path.join(root, "Annotations", img_id + ".xml"), "w") as f:
+            f.write(_xml(img_id, h, w, objects))
+        pimg = Image.new("P", (w, h))
+        pimg.putdata(gt.reshape(-1).tolist())
+        pimg.putpalette(palette)
+        pimg.save(os.path.join(root, "SegmentationClass", img_id + ".png"))
+        Image.fromarray(gt).save(os.path.join(root, "SegmentationClassAug", img_id + ".png"))
+        label = np.zeros(len(CAT_LIST), np.float32)
+        label[classes] = 1
+        info["labels"][img_id], info["gt"][img_id] = label, gt
+    lists = {"train": info["train"], "val": info["val"], "trainval": info["train"] + info["val"]}
+    for name, split in lists.items():
+        with open(os.path.join(root, "ImageSets", "Segmentation", name + ".txt"), "w") as f:
+            f.write("\n".join(split) + "\n")
+    return info
