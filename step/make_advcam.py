@@ -1,0 +1,241 @@
+"""AdvCAM (SPEC 4.6): anti-adversarial CAMs, by default from the W-OoD classifier.
+
+Per image, per label class c, per scale, starting from the unmodified MSF pair x = [img, flipped img]:
+each iteration takes the Grad-CAM region of class c at stage4 (summed over the pair, the flipped half
+flipped back), accumulates it, and moves x one normalised gradient step up
+    L = L_cls - AD_coeff * L_AD,
+    L_cls = sum_b mean relu(A)[b, c] - sum_{b, k != c} mean relu(A)[b, k],
+    L_AD  = sum |region - region_0| * [region / max(region) > score_th],
+x <- clamp(x + AD_stepsize * g / (max|g| + 1e-12), min(x), max(x)).
+The accumulated regions of every scale are resized and summed as make_cam does (4.4) and saved in its
+format: <advcam_out_dir>/<id>.npz with keys, cam, high_res.
+
+Scales: args.cam_scales (default 1.0, 0.5, 1.5, 2.0). As in the original, which hard-codes the
+positions [1, 0, 2, 3], the second scale of the list (0.5) is processed first and runs fewer
+iterations (`adv_iterations`); the others follow in list order. Every accumulated map is multiplied
+by 2 when adv_iter > 10 (as released; only visible through make_cam's 1e-5).
+
+Batching (no change of numbers, tests/test_advcam.py): the label classes of an image are one batch of
+2 * n_labels images per scale; every reduction of the rule (positive count of G, max of the region,
+max |g|, min and max of x) is taken per class-run. Resumable; on CPU with --num_workers > 1 the
+pending images are split over that many processes (one torch thread each); on a GPU one process
+with --num_workers data-loader workers. When a batch does not fit in the device's memory the classes
+are split into smaller batches (same numbers).
+"""
+import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from misc.utils import pending, save_npz
+from net.resnet50_cam import Net, load_classifier
+from step.make_cam import scale_maps_to_cam, strided_size
+from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
+
+GRAD_EPS = 1e-12        # the original's epsilon of both normalisations (Grad-CAM count, input gradient)
+REDUCED_SCALE_POSITION = 1  # the scale list position processed first with fewer iterations (0.5)
+CHUNKS_PER_PROCESS = 8  # CPU process pool: work is handed out in about this many pieces per process
+
+
+# ------------------------------------------------------------------------------------------ maths
+
+def scale_processing_order(n_scales):
+    """Positions of the scale list in processing order: [1, 0, 2, 3, ...] (the original's order)."""
+    if n_scales <= REDUCED_SCALE_POSITION:
+        return list(range(n_scales))
+    return [REDUCED_SCALE_POSITION] + [i for i in range(n_scales) if i != REDUCED_SCALE_POSITION]
+
+
+def adv_iterations(adv_iter, reduced):
+    """Iterations at a scale: adv_iter, or at the reduced scale adv_iter // 2 (> 10), adv_iter (< 6), else 5."""
+    if not reduced:
+        return adv_iter
+    if adv_iter > 10:
+        return adv_iter // 2
+    if adv_iter < 6:
+        return adv_iter
+    return 5
+
+
+def accumulation_multiplier(adv_iter):
+    """The original multiplies every accumulated map by 2 when adv_iter > 10, else by 1."""
+    return 2.0 if adv_iter > 10 else 1.0
+
+
+def advcam_regions(model, pair, classes, n_iter, ad_coeff, step_size, score_th):
+    """Accumulated anti-adversarial Grad-CAM regions (n, h', w') of `classes` (n,) for one MSF pair.
+
+    pair: (2, 3, h, w) = [x, flip_w(x)]; model: the CAM net (stage4_features, classifier.weight),
+    frozen BN. All classes run at once: a batch of n class-runs of 2 images each; every reduction
+    of the per-class rule is taken per run (dims 1.. of a (n, ...) view), so each run's numbers are
+    those of running it alone.
+    """
+    n_runs = len(classes)
+    classes = torch.as_tensor(classes, dtype=torch.long, device=pair.device)
+    runs = torch.arange(n_runs, device=pair.device)
+    weight = model.classifier.weight
+    x = pair.detach().unsqueeze(0).repeat(n_runs, 1, 1, 1, 1)              # (n, 2, 3, h, w)
+    init, acc = None, None
+    for i in range(n_iter):
+        x.requires_grad_(True)
+        feat = model.stage4_features(x.flatten(0, 1))                      # (2n, K, h', w')
+        relu_maps = F.relu(F.conv2d(feat, weight))                           # (2n, C, h', w')
+        n_chan, hp, wp = feat.shape[1:]
+        relu_maps = relu_maps.view(n_runs, 2, -1, hp, wp)
+        # Grad-CAM: G = d(sum_b v[b, c]) / d feat, weights w = sum_pixels G / (#positive entries of G + eps)
+        class_score = relu_maps[runs, :, classes].sum()                     # sum over runs of sum_b v[b, c]
+        grad_feat, = torch.autograd.grad(class_score, feat, retain_graph=True)
+        grad_feat = grad_feat.view(n_runs, 2, n_chan, hp, wp)
+        positives = (grad_feat > 0).flatten(1).sum(1).to(grad_feat.dtype) + GRAD_EPS   # (n,)
+        channel_w = grad_feat.sum(dim=(3, 4)) / positives[:, None, None]    # (n, 2, K), constants
+        regions = F.relu((feat.view(n_runs, 2, n_chan, hp, wp) * channel_w[..., None, None]).sum(2))
+        region = regions[:, 0] + regions[:, 1].flip(-1)                     # (n, h', w')
+        if i == 0:
+            init = region.detach()
+            acc = torch.zeros_like(init)
+        acc = acc + region.detach()
+        mean_act = relu_maps.mean(dim=(3, 4))                               # (n, 2, C)
+        own = mean_act[runs, :, classes].sum(1)                             # (n,)
+        loss_cls = own - (mean_act.sum(dim=(1, 2)) - own)
+        mask = (region / region.flatten(1).amax(1)[:, None, None] > score_th).to(region.dtype)
+        loss_ad = ((region - init).abs() * mask).sum(dim=(1, 2))
+        loss = (loss_cls - ad_coeff * loss_ad).sum()
+        grad_x, = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            flat_x, flat_g = x.flatten(1), grad_x.flatten(1)
+            step = step_size * flat_g / (flat_g.abs().amax(1, keepdim=True) + GRAD_EPS)
+            lo, hi = flat_x.amin(1, keepdim=True), flat_x.amax(1, keepdim=True)
+            x = torch.maximum(torch.minimum(flat_x + step, hi), lo).view_as(x).detach()
+    return acc
+
+
+def advcam_regions_fitting_memory(model, pair, classes, *rule):
+    """`advcam_regions`, splitting the classes into smaller batches when the device runs out of memory
+    (class-runs are independent: the numbers are the same)."""
+    try:
+        return advcam_regions(model, pair, classes, *rule)
+    except torch.OutOfMemoryError:
+        if len(classes) == 1:
+            raise
+    if pair.device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = len(classes) // 2
+    return torch.cat([advcam_regions_fitting_memory(model, pair, classes[:half], *rule),
+                      advcam_regions_fitting_memory(model, pair, classes[half:], *rule)])
+
+
+def image_advcam(model, msf_imgs, size, label, args):
+    """The saved arrays of one image: dict(keys, cam, high_res) in make_cam's format."""
+    device = next(model.parameters()).device
+    keys = torch.nonzero(torch.as_tensor(label).reshape(-1))[:, 0]
+    height, width = int(size[0]), int(size[1])
+    if len(keys) == 0:
+        return {"keys": np.zeros(0, np.int64), "cam": np.zeros((0,) + strided_size((height, width)), np.float32),
+                "high_res": np.zeros((0, height, width), np.float32)}
+    multiplier = accumulation_multiplier(args.adv_iter)
+    scale_maps = []
+    for position in scale_processing_order(len(msf_imgs)):
+        n_iter = adv_iterations(args.adv_iter, position == REDUCED_SCALE_POSITION)
+        pair = torch.as_tensor(msf_imgs[position]).to(device)
+        acc = advcam_regions_fitting_memory(model, pair, keys, n_iter, args.AD_coeff, args.AD_stepsize,
+                                            args.score_th)
+        scale_maps.append(acc * multiplier)
+    cam, high_res = scale_maps_to_cam(scale_maps, (height, width))
+    return {"keys": keys.numpy().astype(np.int64), "cam": cam.float().cpu().numpy(),
+            "high_res": high_res.float().cpu().numpy()}
+
+
+# -------------------------------------------------------------------------------------------- I/O
+
+def advcam_path(out_dir, img_id):
+    return os.path.join(out_dir, img_id + ".npz")
+
+
+def weights_of(args):
+    """The classifier AdvCAM attacks (--make_advcam_from) and how to produce it if missing."""
+    if args.make_advcam_from == "id":
+        return args.cam_weights_name, "run train_cam (--train_cam_pass true) first"
+    return args.wood_weights_name, ("run train_wood (--train_wood_pass true) first, or use "
+                                    "--make_advcam_from id")
+
+
+def load_attacked_model(args, weights, hint):
+    model = load_classifier(args, weights, cls=Net, hint=hint)
+    for p in model.parameters():  # only input gradients are needed
+        p.requires_grad_(False)
+    return model
+
+
+def _write_pack(model, pack, args):
+    arrays = image_advcam(model, pack["img"], pack["size"], pack["label"], args)
+    save_npz(advcam_path(args.advcam_out_dir, pack["name"]), **arrays)
+
+
+_WORKER = {}  # per-process state of the CPU pool
+
+
+def _init_worker(args, weights, hint, ids):
+    torch.set_num_threads(1)
+    _WORKER["model"] = load_attacked_model(args, weights, hint)
+    _WORKER["dataset"] = VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales)
+    _WORKER["args"] = args
+
+
+def _work_chunk(indices):
+    for i in indices:
+        _write_pack(_WORKER["model"], _WORKER["dataset"][i], _WORKER["args"])
+    return len(indices)
+
+
+def _run_pool(args, weights, hint, ids):
+    n_proc = min(args.num_workers, len(ids))
+    chunk = max(1, math.ceil(len(ids) / (n_proc * CHUNKS_PER_PROCESS)))
+    chunks = [list(range(i, min(i + chunk, len(ids)))) for i in range(0, len(ids), chunk)]
+    # spawn: a forked child of a process that already ran OpenMP/torch threads can deadlock
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(n_proc, mp_context=context, initializer=_init_worker,
+                             initargs=(args, weights, hint, ids)) as pool, \
+            tqdm(total=len(ids), desc="make_advcam", unit="img") as bar:
+        futures = [pool.submit(_work_chunk, c) for c in chunks]
+        try:
+            for future in as_completed(futures):
+                bar.update(future.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _run_single(args, model, dataset):
+    device = torch.device(args.device)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    for pack in tqdm(loader, desc="make_advcam", unit="img"):
+        _write_pack(model, pack, args)
+
+
+def run(args):
+    weights, hint = weights_of(args)
+    ids = load_img_name_list(args.voc12_root, args.infer_list)
+    todo = pending(ids, lambda i: advcam_path(args.advcam_out_dir, i))
+    order = [args.cam_scales[p] for p in scale_processing_order(len(args.cam_scales))]
+    print(f"make_advcam: {len(ids)} images of {args.infer_list}, {len(ids) - len(todo)} already in "
+          f"{args.advcam_out_dir}, weights {weights}, scales {order} (in this order), adv_iter {args.adv_iter}, "
+          f"AD_coeff {args.AD_coeff}, AD_stepsize {args.AD_stepsize}, score_th {args.score_th}")
+    if not todo:
+        return
+    # built here first so that bad weights or missing images fail at once, with a clear message
+    model = load_attacked_model(args, weights, hint)
+    dataset = VOC12ClassificationDatasetMSF(todo, args.voc12_root, scales=args.cam_scales)
+    os.makedirs(args.advcam_out_dir, exist_ok=True)
+    if torch.device(args.device).type == "cpu" and args.num_workers > 1 and len(todo) > 1:
+        del model, dataset
+        _run_pool(args, weights, hint, todo)
+    else:
+        _run_single(args, model, dataset)

@@ -1,0 +1,197 @@
+"""Mine hard OoD images from a candidate pool (SPEC 4.2; the paper's procedure, not in the released code).
+
+The candidates (args.ood_pool_root / args.ood_pool_list) are images known to contain none of the
+classes. The ID classifier (args.cam_weights_name) scores each one, full image with its long side
+resized to args.ood_long_side: score = max_c sigmoid(logits)_c. A candidate fooling the classifier
+(score > args.mine_th) is a hard OoD. Kept: the hard ones not listed in args.mine_exclude (the
+human check), sorted by score (highest first, ties in list order), at most args.mine_max_keep.
+
+Writes args.ood_list (paths relative to args.ood_pool_root, the --ood_root of train_wood),
+<work_dir>/ood_scores.tsv (every candidate: path, score, top class, kept, why) and
+<work_dir>/ood_contact.png (thumbnails of the kept images with score and class, for the human check;
+pages of CONTACT_PER_PAGE thumbnails: ood_contact.png, ood_contact_2.png, ...). An existing
+args.ood_list is never overwritten (it may be a released list): delete it to mine again.
+When the pool has a ToyVOC manifest (<ood_pool_root>/manifest.json, [{"path", "hard", "cue"}]) the
+step prints the precision and recall of the kept list against its "hard" flags.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from misc import imutils
+from misc.utils import InputError, atomic_path, require_file
+from net.resnet50_cam import Net, load_classifier
+from voc12.dataloader import CAT_LIST
+from wood.data import OoDFeatureDataset, load_ood_list
+from wood.prototypes import checked_batches
+
+MANIFEST = "manifest.json"
+SCORE_TABLE = "ood_scores.tsv"
+CONTACT_SHEET = "ood_contact.png"
+CONTACT_THUMB = 128        # thumbnail box (px)
+CONTACT_COLUMNS = 10
+CONTACT_PER_PAGE = 100
+CONTACT_TEXT_HEIGHT = 14   # caption strip under each thumbnail (px)
+
+
+# ------------------------------------------------------------------------------------------ maths
+
+def hard_ood_scores(logits):
+    """(score (N,), top class (N,)) = max and arg-max over the classes of sigmoid(logits (N, C))."""
+    probs = torch.sigmoid(logits)
+    score, top = probs.max(dim=1)
+    return score, top
+
+
+def select_hard_ood(scores, threshold, excluded, max_keep=None):
+    """Indices of the kept candidates, highest score first (ties keep list order), and a reason per
+    candidate: "kept", "below_threshold" (score <= threshold), "excluded" or "over_cap".
+
+    scores: sequence of N floats; excluded: N booleans (listed in the exclusion file).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    reasons = ["below_threshold"] * len(scores)
+    kept = []
+    for i in order:
+        if not scores[i] > threshold:
+            continue
+        if excluded[i]:
+            reasons[i] = "excluded"
+        elif max_keep is not None and len(kept) >= max_keep:
+            reasons[i] = "over_cap"
+        else:
+            kept.append(int(i))
+            reasons[i] = "kept"
+    return kept, reasons
+
+
+def mining_quality(kept_paths, manifest):
+    """Precision / recall of the kept paths against a manifest [{"path", "hard", ...}] of the pool."""
+    hard = {e["path"] for e in manifest if e["hard"]}
+    kept = set(kept_paths)
+    true_pos = len(kept & hard)
+    return {"kept": len(kept), "hard": len(hard), "true_positives": true_pos,
+            "precision": true_pos / len(kept) if kept else float("nan"),
+            "recall": true_pos / len(hard) if hard else float("nan")}
+
+
+# -------------------------------------------------------------------------------------------- I/O
+
+def read_exclusions(path, pool_paths):
+    """The set of candidate paths listed in the exclusion file (blank lines and '#' comments skipped)."""
+    if not path:
+        return set()
+    require_file(path, "an exclusion file: candidate paths (relative to --ood_pool_root) rejected by "
+                       "the human check, one per line")
+    with open(path) as f:
+        listed = {line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")}
+    unknown = sorted(listed - set(pool_paths))
+    if unknown:
+        print(f"mine_ood: {len(unknown)} path(s) of {path} are not candidates (ignored), e.g. {unknown[0]}")
+    return listed
+
+
+def score_candidates(model, dataset, device, num_workers):
+    """(N, C) logits of every candidate (batch 1: full images of different sizes)."""
+    logits = []
+    with torch.inference_mode():
+        for pack in tqdm(checked_batches(dataset, batch_size=1, shuffle=False, num_workers=num_workers),
+                         total=len(dataset), desc="mine_ood"):
+            logits.append(model(pack["img"].to(device)).float().cpu())
+    return torch.cat(logits)
+
+
+def write_lines(path, lines):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+
+def write_score_table(path, paths, scores, top, reasons):
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    rows = ["path\tscore\ttop_class\tkept\treason"]
+    for i in order:
+        rows.append(f"{paths[i]}\t{scores[i]:.6f}\t{CAT_LIST[top[i]]}\t{int(reasons[i] == 'kept')}\t{reasons[i]}")
+    write_lines(path, rows)
+
+
+def contact_sheet_paths(work_dir, n_images):
+    n_pages = max(1, -(-n_images // CONTACT_PER_PAGE))
+    base, ext = os.path.splitext(CONTACT_SHEET)
+    return [os.path.join(work_dir, CONTACT_SHEET if p == 0 else f"{base}_{p + 1}{ext}") for p in range(n_pages)]
+
+
+def write_contact_sheets(work_dir, root, paths, captions):
+    """Grid(s) of thumbnails, each captioned; returns the files written."""
+    from PIL import Image, ImageDraw
+    files = contact_sheet_paths(work_dir, len(paths))
+    cell_h = CONTACT_THUMB + CONTACT_TEXT_HEIGHT
+    for page, out in enumerate(files):
+        items = list(zip(paths, captions))[page * CONTACT_PER_PAGE:(page + 1) * CONTACT_PER_PAGE]
+        cols = max(1, min(CONTACT_COLUMNS, len(items)))
+        rows = max(1, -(-len(items) // cols))
+        sheet = Image.new("RGB", (cols * CONTACT_THUMB, rows * cell_h), "white")
+        draw = ImageDraw.Draw(sheet)
+        for k, (rel, caption) in enumerate(items):
+            thumb = Image.fromarray(imutils.read_rgb(os.path.join(root, rel)))
+            thumb.thumbnail((CONTACT_THUMB, CONTACT_THUMB))
+            x, y = (k % cols) * CONTACT_THUMB, (k // cols) * cell_h
+            sheet.paste(thumb, (x + (CONTACT_THUMB - thumb.width) // 2, y + (CONTACT_THUMB - thumb.height) // 2))
+            draw.text((x + 2, y + CONTACT_THUMB + 1), caption, fill="black")
+        with atomic_path(out) as tmp:
+            sheet.save(tmp, format="PNG")
+    return files
+
+
+def read_manifest(pool_root):
+    path = os.path.join(pool_root, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        return [{"path": e["path"], "hard": bool(e["hard"]), "cue": e.get("cue")} for e in manifest]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"cannot read {path} ({type(e).__name__}: {e}); expected a JSON list of "
+                         f'{{"path", "hard", "cue"}} entries (written by misc.toyvoc)') from None
+
+
+def run(args):
+    if os.path.exists(args.ood_list):
+        print(f"mine_ood: {args.ood_list} exists, skipped (delete it to mine again)")
+        return
+    device = torch.device(args.device)
+    paths = load_ood_list(args.ood_pool_root, args.ood_pool_list)
+    excluded = read_exclusions(args.mine_exclude, paths)
+    model = load_classifier(args, args.cam_weights_name, cls=Net)
+    dataset = OoDFeatureDataset(args.ood_pool_root, paths, long_side=args.ood_long_side)
+    score, top = hard_ood_scores(score_candidates(model, dataset, device, args.num_workers))
+    score, top = score.tolist(), top.tolist()
+    kept, reasons = select_hard_ood(score, args.mine_th, [p in excluded for p in paths], args.mine_max_keep)
+
+    write_score_table(os.path.join(args.work_dir, SCORE_TABLE), paths, score, top, reasons)
+    n_hard = sum(s > args.mine_th for s in score)
+    print(f"mine_ood: {len(paths)} candidates, {n_hard} with max p > {args.mine_th}, "
+          f"{sum(r == 'excluded' for r in reasons)} excluded, {len(kept)} kept "
+          f"(score table {os.path.join(args.work_dir, SCORE_TABLE)})")
+    if not kept:
+        raise InputError(f"mine_ood kept no candidate of {args.ood_pool_list}: the ID classifier "
+                         f"{args.cam_weights_name} is fooled by none (max p > --mine_th {args.mine_th}) "
+                         f"or all were excluded; lower --mine_th or add candidates")
+    kept_paths = [paths[i] for i in kept]
+    sheets = write_contact_sheets(args.work_dir, args.ood_pool_root, kept_paths,
+                                  [f"{score[i]:.3f} {CAT_LIST[top[i]]}" for i in kept])
+    write_lines(args.ood_list, kept_paths)
+    print(f"mine_ood: wrote {args.ood_list} ({len(kept)} images, scores {score[kept[0]]:.3f} .. "
+          f"{score[kept[-1]]:.3f}); contact sheet {', '.join(sheets)}")
+    if args.ood_root and os.path.abspath(args.ood_root) != os.path.abspath(args.ood_pool_root):
+        print(f"mine_ood: note: the list is relative to {args.ood_pool_root} but --ood_root is {args.ood_root}")
+    manifest = read_manifest(args.ood_pool_root)
+    if manifest is not None:
+        q = mining_quality(kept_paths, manifest)
+        print(f"mine_ood: against {os.path.join(args.ood_pool_root, MANIFEST)}: precision {q['precision']:.3f} "
+              f"({q['true_positives']}/{q['kept']}), recall {q['recall']:.3f} ({q['true_positives']}/{q['hard']})")

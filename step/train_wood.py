@@ -1,0 +1,203 @@
+"""W-OoD fine-tuning (SPEC 4.3): the ID classifier learns to tell the classes from hard OoD images.
+
+Starts from the ID classifier (args.cam_weights_name). Before training, with those weights in eval
+mode: the class prototypes (mean GAP(stage4) feature per class over args.train_list, full images)
+and the OoD prototypes (K-means of the OoD features, K = args.cluster_K). Each step, with an ID batch
+(x, y) and an OoD batch o from its own shuffled loader that restarts when exhausted:
+
+    L = BCE(logits(x), y) + distance_lambda * L_dist(x; prototypes) + ood_coeff * L_ood(anti-adversarial o)
+
+(wood/losses.py). Optimizer: poly SGD over stage3 + stage4 (lr x1) and the classifier (lr x10).
+After each epoch the validation loss is printed.
+
+Checkpoint selection (args.select_by_gt, on by default as in the released code; it uses the
+pixel-level ground truth of args.chainer_eval_set): in the last epoch, after every step whose
+0-based index within the epoch exceeds 3/4 of the epoch's length and is a multiple of
+args.select_every, and once after training, CAMs (make_cam's maths, scales args.select_scales) are
+scored at thresholds args.select_eval_thres; the weights with the best mIoU so far are kept (ties
+keep the earlier ones). With it off, the final weights are saved. Output: args.wood_weights_name,
+written atomically; if it exists the step is skipped. The prototypes are also saved, for
+inspection only, to <work_dir>/wood_prototypes.npz.
+"""
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from misc.torchutils import make_poly_optimizer
+from misc.utils import InputError, save_npz, save_torch
+from net.resnet50_cam import CAM, PARAM_GROUP_LR_MULT, Net, load_classifier
+from step.eval_cam import best_threshold, sweep_thresholds
+from step.make_cam import cam_maps, keep_label_classes
+from step.train_cam import validation_loss
+from voc12.dataloader import (VOC12ClassificationDataset, VOC12ClassificationDatasetMSF, load_gt,
+                              load_img_name_list)
+from wood.data import OoDClassificationDataset, load_ood_list
+from wood.losses import (anti_adversarial_ood_step, classification_loss, distance_loss, ood_negative_loss,
+                         prototype_distances)
+from wood.prototypes import checked_batches, id_prototypes, ood_prototypes
+
+SELECT_FROM_FRACTION = 3 / 4   # checkpoint selection runs in the last quarter of the last epoch
+PROTOTYPES_FILE = "wood_prototypes.npz"
+
+
+# ------------------------------------------------------------------------------------------ maths
+
+def wood_loss(model, img, label, ood_img, prototypes, args):
+    """The loss of SPEC 4.3 step 6 and its parts (floats) for one ID batch and one OoD batch.
+
+    `prototypes` is (C + K, D): the C class prototypes then the K OoD prototypes.
+    """
+    n_classes = label.shape[1]
+    logits, features = model.feature_list(img)
+    distances = prototype_distances(features[-1], prototypes)
+    loss_cls = classification_loss(logits, label)
+    loss_dist = distance_loss(distances, label, n_classes, prototypes.shape[0] - n_classes, args.ood_dist_topk)
+    ood_adv = anti_adversarial_ood_step(model, ood_img, args.ood_adv_step)
+    loss_ood = ood_negative_loss(model(ood_adv), args.ood_mask_class, img.shape[0])
+    loss = loss_cls + args.distance_lambda * loss_dist + args.ood_coeff * loss_ood
+    return loss, {"cls": loss_cls.item(), "dist": loss_dist.item(), "ood": loss_ood.item()}
+
+
+def selection_due(epoch, step, n_epochs, steps_per_epoch, every):
+    """Whether the released code evaluates after 0-based `step` of 0-based `epoch`."""
+    return epoch == n_epochs - 1 and step > steps_per_epoch * SELECT_FROM_FRACTION and step % every == 0
+
+
+# -------------------------------------------------------------------------------------------- I/O
+
+def endless(batches_of_epoch):
+    """Batches of `batches_of_epoch()` (a fresh, reshuffled pass each time), forever."""
+    while True:
+        empty = True
+        for batch in batches_of_epoch():
+            empty = False
+            yield batch
+        if empty:
+            raise InputError("the OoD loader yields no batch")
+
+
+class CheckpointSelector:
+    """Scores the model's CAMs on args.chainer_eval_set against the ground truth; keeps the best weights."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.ids = load_img_name_list(args.voc12_root, args.chainer_eval_set)
+        self.dataset = VOC12ClassificationDatasetMSF(self.ids, args.voc12_root, scales=args.select_scales)
+        for img_id in self.ids[:1]:
+            load_gt(args.voc12_root, img_id)  # fail now, not after the first epochs, without ground truth
+        self.cam_model = CAM(pretrained="none", width=args.backbone_width, frozen_bn=True,
+                             detach_stage2=False).to(device).eval()
+        self.best = None      # (miou, threshold, tag)
+        self.best_state = None
+        self.history = []
+
+    def _items(self):
+        loader = DataLoader(self.dataset, batch_size=None, shuffle=False, num_workers=self.args.num_workers)
+        with torch.inference_mode():
+            for pack in tqdm(loader, desc="train_wood select", unit="img", leave=False):
+                size = (int(pack["size"][0]), int(pack["size"][1]))
+                strided, high_res = cam_maps(self.cam_model, pack["img"], size)
+                keys, _, high_res = keep_label_classes(strided, high_res, pack["label"])
+                yield high_res.float().cpu().numpy(), keys.numpy(), load_gt(self.args.voc12_root, pack["name"])
+
+    def offer(self, model, tag):
+        """Score `model` now; keep a CPU copy of its weights if its mIoU beats the best so far."""
+        state = model.state_dict()
+        self.cam_model.load_state_dict(state)
+        threshold, scores = best_threshold(sweep_thresholds(self._items(), self.args.select_eval_thres))
+        miou = scores["miou"] if np.isfinite(scores["miou"]) else -np.inf  # nothing scorable: never preferred
+        self.history.append((tag, miou, threshold))
+        print(f"train_wood: {tag}: CAM mIoU {100 * miou:.2f} at threshold {threshold} on "
+              f"{self.args.chainer_eval_set}")
+        if self.best is None or miou > self.best[0]:
+            self.best = (miou, threshold, tag)
+            self.best_state = {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def compute_prototypes(model, args, device, ood_paths):
+    """(C + K, D) prototype matrix with the starting weights (eval mode); also saved for inspection."""
+    ood = ood_prototypes(model, args, device, ood_paths)
+    ids = id_prototypes(model, args, device)
+    save_npz(os.path.join(args.work_dir, PROTOTYPES_FILE), id=ids.numpy(), ood=ood.numpy())
+    print(f"train_wood: prototypes: {ids.shape[0]} classes from {args.train_list}, {ood.shape[0]} OoD "
+          f"centroids from {len(ood_paths)} OoD images ({args.kmeans_iter} K-means iterations)")
+    return torch.cat([ids, ood]).to(device)
+
+
+def run(args):
+    if os.path.isfile(args.wood_weights_name):
+        print(f"train_wood: {args.wood_weights_name} exists; keeping it (delete it to train again)")
+        return
+    device = torch.device(args.device)
+    # inputs first, so that a bad list fails before minutes of feature extraction
+    ood_paths = load_ood_list(args.ood_root, args.ood_list)
+    if len(ood_paths) < args.ood_batch_size:
+        raise InputError(f"the OoD list {args.ood_list} has {len(ood_paths)} images, fewer than one OoD batch "
+                         f"(--ood_batch_size {args.ood_batch_size}): lower it or add images")
+    train_dataset = VOC12ClassificationDataset.for_training(
+        args.train_list, args.voc12_root, resize_long=args.cam_resize_long, crop_size=args.cam_crop_size)
+    val_dataset = VOC12ClassificationDataset.for_validation(args.val_list, args.voc12_root,
+                                                            crop_size=args.cam_crop_size)
+    ood_dataset = OoDClassificationDataset(args.ood_root, ood_paths, resize_long=args.cam_resize_long,
+                                           crop_size=args.cam_crop_size)
+    steps_per_epoch = len(train_dataset) // args.wood_batch_size
+    if steps_per_epoch == 0:
+        raise InputError(f"the training list {args.train_list} has {len(train_dataset)} images, fewer than "
+                         f"one batch (--wood_batch_size {args.wood_batch_size})")
+    max_step = steps_per_epoch * args.wood_num_epoches
+    selector = CheckpointSelector(args, device) if args.select_by_gt else None
+
+    model = load_classifier(args, args.cam_weights_name, cls=Net)
+    prototypes = compute_prototypes(model, args, device, ood_paths)
+
+    pin = device.type == "cuda"
+    loader_kwargs = dict(shuffle=True, drop_last=True, num_workers=args.num_workers, pin_memory=pin)
+    train_batches = lambda: checked_batches(train_dataset, batch_size=args.wood_batch_size, **loader_kwargs)
+    ood_batches = endless(lambda: checked_batches(ood_dataset, batch_size=args.ood_batch_size, **loader_kwargs))
+    val_loader = DataLoader(val_dataset, batch_size=args.wood_batch_size, shuffle=False,
+                            num_workers=args.num_workers, pin_memory=pin)
+    optimizer = make_poly_optimizer(zip(model.wood_param_groups(), PARAM_GROUP_LR_MULT), args.wood_learning_rate,
+                                    args.wood_weight_decay, max_step, args.real_momentum)
+    print(f"train_wood: {len(train_dataset)} ID images, {len(ood_paths)} OoD images, {steps_per_epoch} steps x "
+          f"{args.wood_num_epoches} epochs, batch {args.wood_batch_size} + {args.ood_batch_size} OoD, "
+          f"checkpoint selection by GT: {args.select_by_gt}, device {device}")
+
+    model.train()
+    for epoch in range(args.wood_num_epoches):
+        sums = {"loss": 0.0, "cls": 0.0, "dist": 0.0, "ood": 0.0}
+        bar = tqdm(train_batches(), total=steps_per_epoch, unit="batch",
+                   desc=f"train_wood epoch {epoch + 1}/{args.wood_num_epoches}")
+        for step, pack in enumerate(bar):
+            img = pack["img"].to(device, non_blocking=True)
+            label = pack["label"].to(device, non_blocking=True)
+            ood_img = next(ood_batches)["img"].to(device, non_blocking=True)
+            loss, parts = wood_loss(model, img, label, ood_img, prototypes, args)
+            optimizer.zero_grad()  # also clears what the anti-adversarial step would leave
+            loss.backward()
+            optimizer.step()
+            sums["loss"] += loss.item()
+            for k, v in parts.items():
+                sums[k] += v
+            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if selector is not None and selection_due(epoch, step, args.wood_num_epoches, steps_per_epoch,
+                                                      args.select_every):
+                selector.offer(model, f"epoch {epoch + 1} step {step}")
+                model.train()
+        val = validation_loss(model, val_loader, device)
+        means = " ".join(f"{k} {v / steps_per_epoch:.4f}" for k, v in sums.items())
+        print(f"train_wood epoch {epoch + 1}/{args.wood_num_epoches}: train {means}; val loss {val:.4f}")
+
+    if selector is None:
+        state = model.state_dict()
+        print("train_wood: checkpoint selection off (--select_by_gt false): saving the final weights")
+    else:
+        selector.offer(model, "after training")
+        miou, threshold, tag = selector.best
+        state = selector.best_state
+        print(f"train_wood: selected the weights of {tag} (CAM mIoU {100 * miou:.2f} at threshold {threshold} "
+              f"on {args.chainer_eval_set}, ground truth used) among {len(selector.history)} evaluations")
+    save_torch(args.wood_weights_name, state)
+    print(f"train_wood: saved {args.wood_weights_name}")
