@@ -73,6 +73,8 @@ def build_parser():
     g.add_argument("--num_workers", type=int, default=8, help="data-loader workers / process-pool size")
     g.add_argument("--work_dir", default=None, help="config, log, summary.json and step outputs go here")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--allow_tf32", type=B, default=False,
+                   help="let CUDA convolutions use TF32 (faster on Ampere+, but shifts CAM values ~1e-3)")
     g.add_argument("--voc12_root", default=None, help="VOC2012 devkit folder + SegmentationClassAug")
     g.add_argument("--train_list", default="train_aug", help="split name (train/val/train_aug) or list file")
     g.add_argument("--val_list", default="val")
@@ -210,6 +212,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def set_precision(allow_tf32):
+    """Full float32 by default: the original ran on GPUs without TF32, and AdvCAM amplifies differences."""
+    import torch
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
 class _Tee:
     """Copy what the steps print to the run's log file."""
 
@@ -237,6 +246,7 @@ def main(argv=None):
     sys.stdout = _Tee(sys.stdout, log)
     print(f"== run_sample.py {stamp} config: " + json.dumps(vars(args), sort_keys=True))
     seed_everything(args.seed)
+    set_precision(args.allow_tf32)
     try:
         for name, module in STEPS:
             if not getattr(args, f"{name}_pass"):

@@ -12,7 +12,7 @@ Conventions:
 - Functions that take an optional `label` return `img` alone when `label is None`, else `(img, label)`.
 """
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from misc.utils import InputError
 
@@ -25,10 +25,12 @@ _RESAMPLE = {3: Image.Resampling.BICUBIC, 0: Image.Resampling.NEAREST}
 def read_rgb(path):
     """Read any image file as RGB uint8 (H, W, 3): grayscale, palette, RGBA, CMYK... become RGB.
 
-    EXIF orientation is not applied (as imageio in the original): label maps align with raw pixels.
+    A JPEG's EXIF orientation is applied, as the original's reader (imageio 2's legacy JPEG-PIL format,
+    `exifrotate=True`) did; VOC's JPEGs carry no orientation tag, so their label maps stay aligned.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as opened:
+            img = ImageOps.exif_transpose(opened) if opened.format == "JPEG" else opened
             img.load()
             if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
                 # 16-bit grayscale: PIL's convert("RGB") would clip at 255; scale to 8 bits instead

@@ -225,3 +225,20 @@ def test_read_rgb_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[:300])
     with pytest.raises(InputError, match="truncated.jpg"):
         imutils.read_rgb(str(truncated))
+
+
+def test_read_rgb_applies_jpeg_exif_orientation_like_the_original_reader(tmp_path):
+    import imageio.v2
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = 255
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    path = str(tmp_path / "rotated.jpg")
+    img.save(path, exif=exif.tobytes())
+    rotated = imutils.read_rgb(path)
+    assert rotated.shape == (40, 20, 3)
+    assert np.array_equal(rotated, imageio.v2.imread(path, format="JPEG-PIL"))  # imageio's legacy reader
+    plain = str(tmp_path / "plain.jpg")
+    img.save(plain)
+    assert imutils.read_rgb(plain).shape == (20, 40, 3)
