@@ -269,6 +269,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         log.write(f"error: {e}\n")
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; run the same command again to resume",
+              file=sys.stderr)
+        log.write("interrupted\n")
+        return 130
     finally:
         sys.stdout = sys.stdout.stream
         log.close()

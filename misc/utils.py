@@ -56,9 +56,9 @@ def atomic_path(path):
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    base, ext = os.path.splitext(os.path.basename(path))
-    # keep the extension so that writers which dispatch on it (np.savez, PIL) behave
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
+    # hidden, and not ending in the real extension, so a leftover (after SIGKILL) is never taken
+    # for an output; every writer here passes a file object or an explicit format
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         yield tmp
