@@ -1,0 +1,106 @@
+"""Confident inter-pixel-relation labels from CAM seeds (SPEC 5.1), IRN's step/cam_to_ir_label.py.
+
+For every image of args.infer_list: read `<ir_label_cam_dir>/<id>.npz` (keys, high_res) and the RGB
+image; arg-max with a constant background score at args.conf_fg_thres and at args.conf_bg_thres,
+refine both with a dense CRF; confident foreground where the high-threshold map says so, confident
+background where both say background, 255 (unsure) elsewhere. Writes `<ir_label_out_dir>/<id>.png`
+(single channel). Resumable (existing PNGs are kept); images run in a process pool of
+args.num_workers.
+"""
+import functools
+import multiprocessing
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from misc import imutils
+from misc.crf import crf_inference_label
+from misc.utils import InputError, load_npz, pending, require_dir, save_png
+from voc12.dataloader import img_path, load_img_name_list
+
+UNSURE = 255
+
+
+def seed_index(high_res, threshold):
+    """Arg-max over [constant background = threshold, class maps] (ties to the first): indices 0..n."""
+    high_res = np.asarray(high_res)
+    background = np.full((1,) + high_res.shape[1:], threshold, dtype=high_res.dtype)
+    return np.argmax(np.concatenate([background, high_res], axis=0), axis=0)
+
+
+def combine_fg_bg(fg_conf, bg_conf):
+    """IR label from the two class-value maps: fg where fg_conf says so, 0 where both say background,
+    UNSURE elsewhere (`ir = fg; ir[fg == 0] = 255; ir[fg + bg == 0] = 0`)."""
+    fg_conf = np.asarray(fg_conf, dtype=np.int64)
+    bg_conf = np.asarray(bg_conf, dtype=np.int64)
+    conf = fg_conf.copy()
+    conf[fg_conf == 0] = UNSURE
+    conf[fg_conf + bg_conf == 0] = 0
+    return conf.astype(np.uint8)
+
+
+def ir_label(img, high_res, keys, fg_thres, bg_thres):
+    """(H, W) uint8 IR label of one image from its RGB image, `high_res` (n, H, W) and class `keys` (n,)."""
+    class_values = np.concatenate([[0], np.asarray(keys, dtype=np.int64).reshape(-1) + 1])
+    n_labels = class_values.shape[0]
+    fg_conf = class_values[crf_inference_label(img, seed_index(high_res, fg_thres), n_labels)]
+    bg_conf = class_values[crf_inference_label(img, seed_index(high_res, bg_thres), n_labels)]
+    return combine_fg_bg(fg_conf, bg_conf)
+
+
+def _seed_path(cam_dir, img_id):
+    return os.path.join(cam_dir, img_id + ".npz")
+
+
+def _out_path(out_dir, img_id):
+    return os.path.join(out_dir, img_id + ".png")
+
+
+def _read_seeds(path, image_shape):
+    seeds = load_npz(path)
+    for key in ("keys", "high_res"):
+        if key not in seeds:
+            raise InputError(f"{path} has no '{key}' array (it has {sorted(seeds)}); expected a CAM file of "
+                             f"make_cam / make_advcam: re-run that step")
+    high_res, keys = seeds["high_res"], seeds["keys"].reshape(-1)
+    if high_res.ndim != 3 or high_res.shape[0] != keys.size or high_res.shape[1:] != tuple(image_shape):
+        raise InputError(f"{path}: high_res {high_res.shape} does not fit {keys.size} keys and the "
+                         f"{image_shape[1]}x{image_shape[0]} image; the CAMs belong to other images: "
+                         f"re-run make_cam / make_advcam")
+    return high_res, keys
+
+
+def _work(img_id, cam_dir, out_dir, voc12_root, fg_thres, bg_thres):
+    img = imutils.read_rgb(img_path(voc12_root, img_id))
+    high_res, keys = _read_seeds(_seed_path(cam_dir, img_id), img.shape[:2])
+    save_png(_out_path(out_dir, img_id), ir_label(img, high_res, keys, fg_thres, bg_thres))
+    return img_id
+
+
+def run(args):
+    require_dir(args.ir_label_cam_dir, "the CAM files <id>.npz of make_cam / make_advcam "
+                                       "(set --ir_label_cam_dir)")
+    ids = load_img_name_list(args.voc12_root, args.infer_list)
+    missing = [i for i in ids if not os.path.isfile(_seed_path(args.ir_label_cam_dir, i))]
+    if missing:
+        raise InputError(f"{len(missing)} CAM file(s) of --infer_list missing from {args.ir_label_cam_dir}, "
+                         f"e.g. {_seed_path(args.ir_label_cam_dir, missing[0])}: run make_cam / make_advcam "
+                         f"on the same --infer_list first")
+    os.makedirs(args.ir_label_out_dir, exist_ok=True)
+    todo = pending(ids, functools.partial(_out_path, args.ir_label_out_dir))
+    print(f"cam_to_ir_label: {len(ids) - len(todo)} of {len(ids)} done already, {len(todo)} to do "
+          f"-> {args.ir_label_out_dir}")
+    work = functools.partial(_work, cam_dir=args.ir_label_cam_dir, out_dir=args.ir_label_out_dir,
+                             voc12_root=args.voc12_root, fg_thres=args.conf_fg_thres,
+                             bg_thres=args.conf_bg_thres)
+    progress = tqdm(total=len(todo), desc="cam_to_ir_label", dynamic_ncols=True)
+    if args.num_workers <= 1 or len(todo) <= 1:
+        for img_id in todo:
+            work(img_id)
+            progress.update()
+    else:
+        with multiprocessing.get_context("fork").Pool(args.num_workers) as pool:
+            for _ in pool.imap_unordered(work, todo, chunksize=1):
+                progress.update()
+    progress.close()

@@ -1,0 +1,111 @@
+"""Random walk from CAM seeds to semantic pseudo masks (SPEC 5.3), IRN's step/make_sem_seg_labels.py.
+
+Per image of args.infer_list: IRN boundary map at scale 1 (with flip), seeds = strided `cam` of
+`<sem_seg_cam_dir>/<id>.npz` ** args.np_power, random walk (radius args.rw_radius, beta args.beta,
+2 ** args.exp_times transition steps), x4 bilinear up-sampling, crop, division by the global maximum,
+constant background score args.sem_seg_bg_thres, arg-max -> class values.
+
+The original forms T^(2^exp_times) densely (O((hw)^2) memory); here T is sparse and applied
+2^exp_times times (misc.indexing.random_walk): the same numbers up to float rounding
+(tests/test_random_walk.py, bench/random_walk.py).
+
+Writes `<sem_seg_out_dir>/<id>.png` (class values, single channel) and a palette copy for viewing in
+`<sem_seg_out_dir>_color/<id>.png`. Resumable (images whose PNG exists are skipped).
+"""
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from misc import indexing
+from misc.utils import InputError, load_npz, palette_voc, pending, require_dir, save_png
+from net.resnet50_irn import FEATURE_STRIDE, load_edge_displacement
+from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
+
+
+def color_dir(sem_seg_out_dir):
+    """The sibling folder of palette PNGs: <sem_seg_out_dir>_color."""
+    return os.path.normpath(sem_seg_out_dir) + "_color"
+
+
+def walk_to_label(walked, keys, image_size, bg_thres, stride=FEATURE_STRIDE):
+    """(H, W) uint8 class values from the walked seeds (n, h, w) of the classes `keys` (n,).
+
+    Up-sample x`stride` (bilinear, align_corners=False), crop to `image_size`, divide by the global
+    maximum, put a constant background map `bg_thres` in front, arg-max (ties to the first), map
+    index 0 -> 0 and i -> keys[i-1] + 1.
+    """
+    height, width = image_size
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    if keys.size == 0:  # no class to spread: all background
+        return np.zeros((height, width), np.uint8)
+    up = F.interpolate(walked[:, None], scale_factor=stride, mode="bilinear",
+                       align_corners=False)[:, 0, :height, :width]
+    up = up / torch.max(up)
+    up = F.pad(up, (0, 0, 0, 0, 1, 0), value=bg_thres)
+    index = torch.argmax(up, dim=0).cpu().numpy()
+    class_values = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    return class_values[index]
+
+
+def read_seeds(path, label, strided_size):
+    """`cam` (n, h, w) float32 and `keys` (n,) of a seed file; InputError unless its keys are exactly the
+    image's label classes and its maps have the strided size."""
+    seeds = load_npz(path)
+    for key in ("cam", "keys"):
+        if key not in seeds:
+            raise InputError(f"{path} has no '{key}' array (it has {sorted(seeds)}); expected a CAM file of "
+                             f"make_cam / make_advcam: re-run that step")
+    cam, keys = seeds["cam"].astype(np.float32), seeds["keys"].astype(np.int64).reshape(-1)
+    label_classes = np.nonzero(np.asarray(label))[0]
+    if not np.array_equal(np.sort(keys), label_classes):
+        raise InputError(f"{path} holds seeds for classes {keys.tolist()} but the image's labels are "
+                         f"{label_classes.tolist()}: the CAM files belong to other images or labels; re-run "
+                         f"make_cam / make_advcam for --infer_list")
+    if cam.ndim != 3 or cam.shape[0] != keys.size or cam.shape[1:] != tuple(strided_size):
+        raise InputError(f"{path}: cam {cam.shape} does not fit {keys.size} keys at the strided size "
+                         f"{tuple(strided_size)} of its image; re-run make_cam / make_advcam")
+    return cam, keys
+
+
+def _out_path(out_dir, img_id):
+    return os.path.join(out_dir, img_id + ".png")
+
+
+def run(args):
+    require_dir(args.sem_seg_cam_dir, "the CAM files <id>.npz of make_cam / make_advcam "
+                                      "(set --sem_seg_cam_dir)")
+    device = torch.device(args.device)
+    ids = load_img_name_list(args.voc12_root, args.infer_list)
+    seed_path = lambda img_id: os.path.join(args.sem_seg_cam_dir, img_id + ".npz")
+    missing = [i for i in ids if not os.path.isfile(seed_path(i))]
+    if missing:
+        raise InputError(f"{len(missing)} CAM file(s) of --infer_list missing from {args.sem_seg_cam_dir}, "
+                         f"e.g. {seed_path(missing[0])}: run make_cam / make_advcam on the same "
+                         f"--infer_list first")
+    todo = pending(ids, lambda img_id: _out_path(args.sem_seg_out_dir, img_id))
+    print(f"make_sem_seg_labels: {len(ids) - len(todo)} of {len(ids)} done already, {len(todo)} to do "
+          f"-> {args.sem_seg_out_dir}")
+    if not todo:
+        return
+    model = load_edge_displacement(args)
+    dataset = VOC12ClassificationDatasetMSF(todo, voc12_root=args.voc12_root, scales=(1.0,))
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=args.num_workers)
+    palette, colour_folder = palette_voc(), color_dir(args.sem_seg_out_dir)
+
+    with torch.inference_mode():
+        for pack in tqdm(loader, total=len(todo), desc="make_sem_seg_labels", dynamic_ncols=True):
+            img_id, (height, width) = pack["name"], pack["size"]
+            boundary, _ = model(torch.as_tensor(pack["img"][0]).to(device))
+            cam, keys = read_seeds(seed_path(img_id), pack["label"], boundary.shape)
+            seeds = torch.from_numpy(np.power(cam, args.np_power)).to(device)
+            if keys.size:
+                walked = indexing.random_walk(seeds, boundary, args.rw_radius, args.beta, args.exp_times)
+            else:
+                walked = seeds
+            pred = walk_to_label(walked, keys, (int(height), int(width)), args.sem_seg_bg_thres)
+            save_png(_out_path(colour_folder, img_id), pred, palette=palette)
+            save_png(_out_path(args.sem_seg_out_dir, img_id), pred)

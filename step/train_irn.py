@@ -1,0 +1,140 @@
+"""Train the inter-pixel relation network (SPEC 5.2), IRN's step/train_irn.py.
+
+Affinity training on args.train_list with the IR labels of args.ir_label_out_dir (cam_to_ir_label):
+random_scale(0.5, 1.5), flip, random crop of args.irn_crop_size, labels on the stride-4 grid, pairs
+within args.irn_radius. Poly SGD (SPEC 3): boundary branch lr x1, displacement branch lr x10.
+Afterwards the mean displacement over args.infer_list (top-left crops, whole batches only) becomes
+the mean-shift vector. Saves the state dict atomically to args.irn_weights_name; skipped when that
+file exists.
+"""
+import os
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from misc import indexing
+from misc.torchutils import make_poly_optimizer
+from misc.utils import InputError, require_dir, save_torch
+from net.resnet50_irn import FEATURE_STRIDE, PARAM_GROUP_LR_MULT, new_training_module
+from voc12.affinity import VOC12AffinityDataset
+from voc12.dataloader import VOC12ImageDataset, load_img_name_list
+
+SCALE_RANGE = (0.5, 1.5)  # random_scale of the affinity recipe (SPEC 1.2)
+EPS = 1e-5
+INPUT_MULTIPLE = 16  # the network's output stride: crops must be multiples of it
+
+
+def irn_losses(pos_aff_loss, neg_aff_loss, dp_fg_loss, dp_bg_loss, bg_pos, fg_pos, neg):
+    """SPEC 5.2's losses from the per-pair terms of AffinityDisplacementLoss and the affinity labels.
+
+    Returns a dict: bg_pos, fg_pos, pos, neg, dp_fg, dp_bg and total
+    = (pos + neg) / 2 + (dp_fg + dp_bg) / 2 (0-d tensors).
+    """
+    bg_pos_aff = torch.sum(bg_pos * pos_aff_loss) / (torch.sum(bg_pos) + EPS)
+    fg_pos_aff = torch.sum(fg_pos * pos_aff_loss) / (torch.sum(fg_pos) + EPS)
+    pos_aff = bg_pos_aff / 2 + fg_pos_aff / 2
+    neg_aff = torch.sum(neg * neg_aff_loss) / (torch.sum(neg) + EPS)
+    dp_fg = torch.sum(dp_fg_loss * torch.unsqueeze(fg_pos, 1)) / (2 * torch.sum(fg_pos) + EPS)
+    dp_bg = torch.sum(dp_bg_loss * torch.unsqueeze(bg_pos, 1)) / (2 * torch.sum(bg_pos) + EPS)
+    total = (pos_aff + neg_aff) / 2 + (dp_fg + dp_bg) / 2
+    return {"bg_pos": bg_pos_aff, "fg_pos": fg_pos_aff, "pos": pos_aff, "neg": neg_aff,
+            "dp_fg": dp_fg, "dp_bg": dp_bg, "total": total}
+
+
+@torch.inference_mode()
+def mean_displacement(model, loader, device):
+    """Mean over batches of each batch's mean displacement (2,), model in eval mode (mean shift 0)."""
+    batch_means = [torch.mean(model(pack["img"].to(device), return_loss=False)[1], dim=(0, 2, 3)).cpu()
+                   for pack in tqdm(loader, desc="train_irn: mean displacement", dynamic_ncols=True)]
+    if not batch_means:
+        raise InputError("no complete batch for the mean displacement")
+    return torch.mean(torch.stack(batch_means), dim=0)
+
+
+def _check_args(args):
+    if args.irn_crop_size % INPUT_MULTIPLE:
+        raise InputError(f"--irn_crop_size {args.irn_crop_size} must be a multiple of {INPUT_MULTIPLE} (the "
+                         f"network's output stride), e.g. 512")
+    grid, rf = args.irn_crop_size // FEATURE_STRIDE, indexing.radius_floor(args.irn_radius)
+    if grid <= 2 * rf:
+        raise InputError(f"--irn_radius {args.irn_radius} leaves no source pixel on the {grid} x {grid} label grid "
+                         f"of --irn_crop_size {args.irn_crop_size}: the crop must exceed "
+                         f"{2 * rf * FEATURE_STRIDE} px, or lower the radius")
+
+
+def _require_ir_labels(args):
+    """IR labels for every training image (cam_to_ir_label writes them for its --infer_list)."""
+    require_dir(args.ir_label_out_dir, "the IR labels <id>.png of cam_to_ir_label (set --ir_label_out_dir)")
+    ids = load_img_name_list(args.voc12_root, args.train_list)
+    missing = [i for i in ids if not os.path.isfile(os.path.join(args.ir_label_out_dir, i + ".png"))]
+    if missing:
+        raise InputError(f"{len(missing)} of {len(ids)} IR label PNG(s) of --train_list missing from "
+                         f"{args.ir_label_out_dir}, e.g. {missing[0]}.png: cam_to_ir_label writes labels for its "
+                         f"--infer_list, which must cover --train_list ({args.train_list}); run it with "
+                         f"--infer_list {args.train_list}")
+
+
+def run(args):
+    if os.path.exists(args.irn_weights_name):
+        print(f"train_irn: {args.irn_weights_name} exists, skipped (delete it to retrain)")
+        return
+    _check_args(args)
+    device = torch.device(args.device)
+    grid = args.irn_crop_size // FEATURE_STRIDE
+    path_index = indexing.PathIndex(radius=args.irn_radius, default_size=(grid, grid))
+
+    _require_ir_labels(args)
+    train_dataset = VOC12AffinityDataset(args.train_list, label_dir=args.ir_label_out_dir,
+                                         crop_size=args.irn_crop_size, voc12_root=args.voc12_root,
+                                         indices_from=path_index.src_indices,
+                                         indices_to=path_index.dst_indices,
+                                         rescale=SCALE_RANGE, hor_flip=True, crop_method="random")
+    if len(train_dataset) < args.irn_batch_size:
+        raise InputError(f"--train_list has {len(train_dataset)} images, fewer than one batch "
+                         f"(--irn_batch_size {args.irn_batch_size}); lower the batch size")
+    infer_dataset = VOC12ImageDataset(args.infer_list, voc12_root=args.voc12_root,
+                                      crop_size=args.irn_crop_size, crop_method="top_left")
+    if len(infer_dataset) < args.irn_batch_size:
+        raise InputError(f"--infer_list has {len(infer_dataset)} images, fewer than one batch "
+                         f"(--irn_batch_size {args.irn_batch_size}) for the mean displacement; lower the "
+                         f"batch size")
+    train_loader = DataLoader(train_dataset, batch_size=args.irn_batch_size, shuffle=True,
+                              num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+    max_step = (len(train_dataset) // args.irn_batch_size) * args.irn_num_epoches
+
+    model = new_training_module(args, path_index)
+    edge_params, dp_params = model.trainable_parameters()
+    optimizer = make_poly_optimizer([(edge_params, PARAM_GROUP_LR_MULT[0]), (dp_params, PARAM_GROUP_LR_MULT[1])],
+                                    lr=args.irn_learning_rate, weight_decay=args.irn_weight_decay,
+                                    max_step=max_step, real_momentum=args.real_momentum)
+    model = model.to(device)
+    model.train()
+
+    for epoch in range(args.irn_num_epoches):
+        progress = tqdm(train_loader, desc=f"train_irn: epoch {epoch + 1}/{args.irn_num_epoches}",
+                        dynamic_ncols=True)
+        sums, count = {}, 0
+        for pack in progress:
+            terms = model(pack["img"].to(device), return_loss=True)
+            losses = irn_losses(*terms, pack["aff_bg_pos_label"].to(device), pack["aff_fg_pos_label"].to(device),
+                                pack["aff_neg_label"].to(device))
+            optimizer.zero_grad()
+            losses["total"].backward()
+            optimizer.step()
+            count += 1
+            for k in ("pos", "neg", "dp_fg", "dp_bg"):
+                sums[k] = sums.get(k, 0.0) + losses[k].item()
+            progress.set_postfix({k: f"{v / count:.4f}" for k, v in sums.items()})
+        progress.close()
+        print(f"train_irn: epoch {epoch + 1} step {optimizer.global_step}/{max_step} "
+              + " ".join(f"{k}={v / max(count, 1):.4f}" for k, v in sums.items()))
+
+    infer_loader = DataLoader(infer_dataset, batch_size=args.irn_batch_size, shuffle=False,
+                              num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+    model.eval()
+    # clone: a normal tensor, not an inference-mode one
+    model.mean_shift.running_mean = mean_displacement(model, infer_loader, device).clone().to(device)
+    print(f"train_irn: mean displacement {model.mean_shift.running_mean.tolist()}")
+    save_torch(args.irn_weights_name, {k: v.cpu() for k, v in model.state_dict().items()})
+    print(f"train_irn: saved {args.irn_weights_name}")
