@@ -56,8 +56,8 @@ PRESETS = {
         irn_weights_name="sess/toy/res50_irn.pth",
         # sizes scaled from ~500 px VOC images to ~160 px toy images
         cam_resize_long=[100, 200], cam_crop_size=160, ood_long_side=160, irn_crop_size=160,
-        cam_num_epoches=16, wood_num_epoches=5, irn_num_epoches=6,
-        cluster_K=8, adv_iter=8, num_workers=2,
+        cam_num_epoches=25, wood_num_epoches=5, irn_num_epoches=8,
+        cluster_K=8, adv_iter=8, num_workers=2, cpu_threads=1,
         cam_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
         select_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
     ),
@@ -73,6 +73,9 @@ def build_parser():
     g.add_argument("--num_workers", type=int, default=8, help="data-loader workers / process-pool size")
     g.add_argument("--work_dir", default=None, help="config, log, summary.json and step outputs go here")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cpu_threads", type=int, default=0,
+                   help="torch intra-op threads per process on CPU (0: torch's default). With data-loader "
+                        "workers or other jobs on a small CPU, 1 avoids oversubscription (10x measured)")
     g.add_argument("--allow_tf32", type=B, default=False,
                    help="let CUDA convolutions use TF32 (faster on Ampere+, but shifts CAM values ~1e-3)")
     g.add_argument("--voc12_root", default=None, help="VOC2012 devkit folder + SegmentationClassAug")
@@ -247,6 +250,9 @@ def main(argv=None):
     print(f"== run_sample.py {stamp} config: " + json.dumps(vars(args), sort_keys=True))
     seed_everything(args.seed)
     set_precision(args.allow_tf32)
+    if args.cpu_threads:
+        import torch
+        torch.set_num_threads(args.cpu_threads)
     try:
         for name, module in STEPS:
             if not getattr(args, f"{name}_pass"):
