@@ -55,3 +55,41 @@ def make_poly_optimizer(groups, lr, weight_decay, max_step, real_momentum=None):
                     for params, multiplier in groups]
     return PolyOptimizer(param_groups, lr=lr, weight_decay=weight_decay, max_step=max_step,
                          momentum=real_momentum)
+
+
+_OPTIONAL_SUFFIX = ".num_batches_tracked"  # absent from checkpoints of old PyTorch; unused by the nets
+_MAX_LISTED = 8
+
+
+def listed_keys(keys):
+    keys = sorted(keys)
+    more = f" ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def load_canonical_state(model, merged, origin, source, network, width):
+    """Strictly load `merged` (a state dict already mapped to our names; `origin` maps each name to the
+    checkpoint's key) into `model`, or raise InputError naming `source` and the missing / unexpected /
+    mis-shaped keys. `network` and `width` only word the message."""
+    from misc.utils import InputError
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in merged and not k.endswith(_OPTIONAL_SUFFIX)]
+    unexpected = [origin[k] for k in merged if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {listed_keys(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {listed_keys(unexpected)}")
+        raise InputError(f"{source} is not {network} state dict ({'; '.join(parts)}); the file is "
+                         f"truncated or belongs to another network")
+    wrong = [f"{origin[k]} {tuple(merged[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in merged and merged[k].shape != v.shape]
+    if wrong:
+        raise InputError(f"{source}: {len(wrong)} tensor(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}; "
+                         f"was it trained with another --backbone_width (now {width})?")
+    for k, v in expected.items():
+        if k not in merged:  # only optional counters reach here
+            merged[k] = v
+    model.load_state_dict(merged, strict=True)
+    return model

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from misc.torchutils import gap2d
+from misc.torchutils import gap2d, load_canonical_state
 from misc.utils import InputError, load_torch, require_file
 from net.resnet50 import resnet50
 
@@ -145,8 +145,6 @@ _ALIASES = [
     (re.compile(r"^backbone\.([0-3])\."), lambda m: f"stage{int(m.group(1)) + 1}."),
     (re.compile(r"^newly_added\.0\."), "classifier."),
 ]
-_OPTIONAL_SUFFIX = ".num_batches_tracked"  # absent from checkpoints of old PyTorch; unused by the net
-_MAX_LISTED = 8
 
 
 def canonical_key(key):
@@ -158,10 +156,6 @@ def canonical_key(key):
     return key
 
 
-def _listed(keys):
-    keys = sorted(keys)
-    more = f" ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-    return ", ".join(keys[:_MAX_LISTED]) + more
 
 
 def canonical_state(state, source="state dict"):
@@ -196,24 +190,5 @@ def load_cam_state(model, path_or_state, source=None):
     else:
         state, source = path_or_state, source or "the given state dict"
     merged, origin = canonical_state(state, source)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in merged and not k.endswith(_OPTIONAL_SUFFIX)]
-    unexpected = [origin[k] for k in merged if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_listed(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
-        raise InputError(f"{source} is not a complete ResNet-50 CAM classifier state dict "
-                         f"({'; '.join(parts)}); the file is truncated or belongs to another network")
-    wrong = [f"{origin[k]} {tuple(merged[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in merged and merged[k].shape != v.shape]
-    if wrong:
-        raise InputError(f"{source}: {len(wrong)} tensor(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}; "
-                         f"was it trained with another --backbone_width (now {model.out_channels // 32})?")
-    for k, v in expected.items():
-        if k not in merged:  # only optional counters reach here
-            merged[k] = v
-    model.load_state_dict(merged, strict=True)
-    return model
+    return load_canonical_state(model, merged, origin, source, "a complete ResNet-50 CAM classifier",
+                                model.out_channels // 32)

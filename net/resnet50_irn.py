@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from misc import indexing
+from misc.torchutils import load_canonical_state
 from misc.utils import InputError, load_torch, require_file
 from net.resnet50 import resnet50
 
@@ -254,8 +255,6 @@ _ALIASES = [
 ]
 # buffers of the original's training module (recomputed from the radius, not weights)
 _IGNORED = re.compile(r"^(path_indices\d+|disp_target)$")
-_OPTIONAL_SUFFIX = ".num_batches_tracked"  # absent from checkpoints of old PyTorch; unused
-_MAX_LISTED = 8
 
 
 def canonical_key(key):
@@ -269,10 +268,6 @@ def canonical_key(key):
     return key
 
 
-def _listed(keys):
-    keys = sorted(keys)
-    more = f" ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-    return ", ".join(keys[:_MAX_LISTED]) + more
 
 
 def canonical_state(state, source):
@@ -308,25 +303,5 @@ def load_irn_state(model, path_or_state, source=None):
         source = source or str(path_or_state)
         state = load_torch(path_or_state)
     merged, origin = canonical_state(state, source)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in merged and not k.endswith(_OPTIONAL_SUFFIX)]
-    unexpected = [origin[k] for k in merged if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_listed(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
-        raise InputError(f"{source} is not an IRN (resnet50_irn) state dict ({'; '.join(parts)}); the file "
-                         f"is truncated or belongs to another network")
-    wrong = [f"{origin[k]} {tuple(merged[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in merged and merged[k].shape != v.shape]
-    if wrong:
-        raise InputError(f"{source}: {len(wrong)} tensor(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}; "
-                         f"was it trained with another --backbone_width (now "
-                         f"{model.resnet50.conv1.out_channels})?")
-    for k, v in expected.items():
-        if k not in merged:  # only optional counters reach here
-            merged[k] = v
-    model.load_state_dict(merged, strict=True)
-    return model
+    return load_canonical_state(model, merged, origin, source, "an IRN (resnet50_irn)",
+                                model.resnet50.conv1.out_channels)
