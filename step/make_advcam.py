@@ -22,10 +22,7 @@ pending images are split over that many processes (one torch thread each); on a 
 with --num_workers data-loader workers. When a batch does not fit in the device's memory the classes
 are split into smaller batches (same numbers).
 """
-import math
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import torch
@@ -33,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from misc.parallel import run_in_processes
 from misc.utils import pending, save_npz
 from net.resnet50_cam import Net, load_classifier
 from step.make_cam import scale_maps_to_cam, strided_size
@@ -40,7 +38,6 @@ from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
 GRAD_EPS = 1e-12        # the original's epsilon of both normalisations (Grad-CAM count, input gradient)
 REDUCED_SCALE_POSITION = 1  # the scale list position processed first with fewer iterations (0.5)
-CHUNKS_PER_PROCESS = 8  # CPU process pool: work is handed out in about this many pieces per process
 
 
 # ------------------------------------------------------------------------------------------ maths
@@ -194,22 +191,8 @@ def _work_chunk(indices):
 
 
 def _run_pool(args, weights, hint, ids):
-    n_proc = min(args.num_workers, len(ids))
-    chunk = max(1, math.ceil(len(ids) / (n_proc * CHUNKS_PER_PROCESS)))
-    chunks = [list(range(i, min(i + chunk, len(ids)))) for i in range(0, len(ids), chunk)]
-    # spawn: a forked child of a process that already ran OpenMP/torch threads can deadlock
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(n_proc, mp_context=context, initializer=_init_worker,
-                             initargs=(args, weights, hint, ids)) as pool, \
-            tqdm(total=len(ids), desc="make_advcam", unit="img") as bar:
-        futures = [pool.submit(_work_chunk, c) for c in chunks]
-        try:
-            for future in as_completed(futures):
-                bar.update(future.result())
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    run_in_processes(len(ids), args.num_workers, _init_worker, (args, weights, hint, ids), _work_chunk,
+                     "make_advcam")
 
 
 def _run_single(args, model, dataset):

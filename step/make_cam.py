@@ -11,10 +11,7 @@ The maths is in pure functions reused elsewhere: `cam_maps` (W-OoD's checkpoint 
 CAMs in memory), `accumulate_scale_maps` / `normalise_per_class` (AdvCAM builds its output from its
 own per-scale maps).
 """
-import math
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import torch
@@ -22,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from misc.parallel import run_in_processes
 from misc.utils import pending, save_npz
 from net.resnet50_cam import CAM, load_classifier
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
@@ -29,7 +27,6 @@ from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 CAM_STRIDE = 4          # `cam` is saved at 1/4 of the image size
 BACKBONE_STRIDE = 16    # high_res is upsampled to the next multiple of 16, then cropped
 NORM_EPS = 1e-5         # per-class max normalisation: map / (max + 1e-5)
-CHUNKS_PER_PROCESS = 8  # CPU process pool: work is handed out in about this many pieces per process
 
 
 # --------------------------------------------------------------------------------------------- maths
@@ -146,22 +143,8 @@ def _work_chunk(indices):
 
 
 def _run_pool(args, weights, hint, ids):
-    n_proc = min(args.num_workers, len(ids))
-    chunk = max(1, math.ceil(len(ids) / (n_proc * CHUNKS_PER_PROCESS)))
-    chunks = [list(range(i, min(i + chunk, len(ids)))) for i in range(0, len(ids), chunk)]
-    # spawn: a forked child of a process that already ran OpenMP/torch threads can deadlock
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(n_proc, mp_context=context, initializer=_init_worker,
-                             initargs=(args, weights, hint, ids)) as pool, \
-            tqdm(total=len(ids), desc="make_cam", unit="img") as bar:
-        futures = [pool.submit(_work_chunk, c) for c in chunks]
-        try:
-            for future in as_completed(futures):
-                bar.update(future.result())
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    run_in_processes(len(ids), args.num_workers, _init_worker, (args, weights, hint, ids), _work_chunk,
+                     "make_cam")
 
 
 def _run_single(args, model, dataset):
