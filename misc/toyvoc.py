@@ -66,6 +66,9 @@ JPEG_QUALITY = 90
 PIXEL_NOISE_STD = 3.0           # sensor-like noise added to every image (0-255 scale)
 GENERIC_HUES = ((0.0, 0.13), (0.75, 1.0))   # warm and purple: never the hue of a cue
 MIN_VISIBLE_OBJECT_PIXELS = 0.01  # fraction of the image an object must keep after occlusion
+# typical body hue per class (used with --class_colour_prob), away from the hue of the class's own cue
+CLASS_HUE = {"aeroplane": 0.0, "bird": 0.1, "boat": 0.83, "car": 0.72, "cow": 0.15, "train": 0.33,
+             "chair": 0.45, "person": 0.6, "tvmonitor": 0.92}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,6 +122,11 @@ def random_pattern(rng, h, w, base, second):
 
 def random_object_colour(rng):
     return hsv(rng.random(), rng.uniform(0.15, 0.9), rng.uniform(0.3, 0.95))
+
+
+def class_object_colour(rng, cls):
+    """A saturated colour near the class's own hue (CLASS_HUE): object evidence that is learnable."""
+    return hsv(CLASS_HUE[cls] + rng.uniform(-0.03, 0.03), rng.uniform(0.6, 0.9), rng.uniform(0.55, 0.9))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -378,12 +386,16 @@ OBJECT_LENGTH = {"aeroplane": (0.55, 0.9), "bird": (0.4, 0.6), "boat": (0.5, 0.8
                  "person": (0.6, 0.9), "tvmonitor": (0.45, 0.75)}
 
 
-def render_object(rng, parts, h, w, cx, cy, length, flip, angle):
+def render_object(rng, parts, h, w, cx, cy, length, flip, angle, cls=None, class_colour_prob=0.0):
     """Draw the parts at (cx, cy), scaled by `length`, mirrored if `flip`, rotated by `angle`.
+    With probability `class_colour_prob` the body takes the class's own hue, else a random colour.
 
     Returns the object mask (h, w) bool and its colours (h, w, 3) float32 (valid under the mask).
     """
     body_col, second = random_object_colour(rng), random_object_colour(rng)
+    if class_colour_prob > 0 and rng.random() < class_colour_prob:   # no extra draw at 0: same bytes
+        body_col = class_object_colour(rng, cls)
+        second = body_col * rng.uniform(0.6, 0.9)
     colours = {"body": random_pattern(rng, h, w, body_col, second),
                "accent": random_pattern(rng, h, w, random_object_colour(rng), body_col),
                "dark": np.full(3, rng.uniform(15, 45), np.float32),
@@ -445,7 +457,8 @@ def place_object(rng, h, w, cls, y0, y1):
     return (cls, cx, ground, length, 0.0), (cx, ground)
 
 
-def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_objects, void_width):
+def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_objects, void_width,
+               class_colour_prob=0.0):
     """One image whose top / bottom region belongs to `top_class` / `bottom_class` (None: generic
     stuff; a class whose cue flag is False also gets generic stuff). Returns rgb uint8 (h, w, 3),
     label (h, w) uint8 with the void band, cue map (h, w) uint8 and [(class name, visible mask)]."""
@@ -480,7 +493,7 @@ def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_obj
         owner = np.full((h, w), -1, np.int32)   # which object is visible at each pixel
         for index, (cls, cx, cy, length, angle) in enumerate(placed):
             mask, rgb = render_object(rng, OBJECT_PARTS[cls](rng), h, w, cx, cy, length,
-                                      bool(rng.random() < 0.5), angle)
+                                      bool(rng.random() < 0.5), angle, cls, class_colour_prob)
             img[mask] = rgb[mask]
             owner[mask] = index
         for index, (cls, *_unused) in enumerate(placed):
@@ -566,7 +579,7 @@ def draw_id_image(seed, index, plan, args):
     h, w = image_size(rng, args.long_min, args.long_max)
     while True:
         rgb, label, cue, objects = draw_scene(rng, h, w, top, bottom, top_cue, bottom_cue, True,
-                                              args.void_width)
+                                              args.void_width, args.class_colour_prob)
         if all(m.sum() >= MIN_VISIBLE_OBJECT_PIXELS * h * w for _, m in objects):
             return rgb, label, cue, objects
 
@@ -674,8 +687,10 @@ def validate(args):
                          f"got {args.n_train}")
     if not 32 <= args.long_min <= args.long_max:
         raise InputError(f"need 32 <= --long_min <= --long_max, got {args.long_min}, {args.long_max}")
-    if not all(0 <= p <= 1 for p in (args.cue_drop_prob, args.two_class_prob, args.swap_prob)):
-        raise InputError("--cue_drop_prob, --two_class_prob and --swap_prob are probabilities in [0, 1]")
+    if not all(0 <= p <= 1 for p in (args.cue_drop_prob, args.two_class_prob, args.swap_prob,
+                                     args.class_colour_prob)):
+        raise InputError("--cue_drop_prob, --two_class_prob, --swap_prob and --class_colour_prob are "
+                         "probabilities in [0, 1]")
     if args.n_ood_hard < 0 or args.n_ood_easy < 0:
         raise InputError("--n_ood_hard and --n_ood_easy must be >= 0")
 
@@ -733,7 +748,8 @@ def write_ood_set(args):
 def parameters(args):
     return {k: getattr(args, k) for k in ("seed", "n_train_aug", "n_train", "n_val", "n_ood_hard",
                                           "n_ood_easy", "long_min", "long_max", "cue_drop_prob",
-                                          "two_class_prob", "swap_prob", "void_width", "gray_every")}
+                                          "two_class_prob", "swap_prob", "void_width", "gray_every",
+                                          "class_colour_prob")}
 
 
 def run(args):
@@ -770,6 +786,8 @@ def parse_args(argv=None):
     p.add_argument("--two_class_prob", type=float, default=0.3, help="P(second class in the image)")
     p.add_argument("--swap_prob", type=float, default=0.5,
                    help="P(top and bottom regions trade places), so that stuff position is no evidence")
+    p.add_argument("--class_colour_prob", type=float, default=0.0,
+                   help="P(an object's body takes its class's own hue instead of a random colour)")
     p.add_argument("--void_width", type=int, default=1, help="void pixels on each side of an outline")
     p.add_argument("--gray_every", type=int, default=8, help="every n-th easy candidate is grayscale")
     return p.parse_args(argv)

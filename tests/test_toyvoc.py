@@ -260,3 +260,21 @@ def test_scenes_object_touches_its_cue_and_hard_candidates_show_it(cls):
         _, label, cue, objects = toyvoc.draw_scene(np.random.default_rng(seed), 72, 96, top, bottom, True,
                                                    True, False, 1)
         assert objects == [] and not label.any() and (cue == value).mean() > 0.25
+
+
+def test_class_colour_prob_gives_the_class_hue_and_zero_changes_nothing():
+    import colorsys
+    parts = [(toyvoc.rect(-0.5, -0.5, 0.5, 0.5), "body")]
+    for cls, hue in toyvoc.CLASS_HUE.items():
+        mask, rgb = toyvoc.render_object(np.random.default_rng(3), parts, 64, 64, 32, 32, 40, False, 0.0,
+                                         cls, class_colour_prob=1.0)
+        pixels = rgb[mask] / 255
+        hues = np.array([colorsys.rgb_to_hsv(*p)[0] for p in pixels[::7]])
+        gap = np.abs((hues - hue + 0.5) % 1.0 - 0.5)
+        assert mask.sum() > 500 and gap.max() < 0.031, cls
+    plain = toyvoc.render_object(np.random.default_rng(5), parts, 64, 64, 32, 32, 40, False, 0.0)
+    zero = toyvoc.render_object(np.random.default_rng(5), parts, 64, 64, 32, 32, 40, False, 0.0, "car", 0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, zero))
+    args = toyvoc.parse_args(["--class_colour_prob", "1.5"])
+    with pytest.raises(InputError, match="class_colour_prob"):
+        toyvoc.validate(args)
