@@ -29,7 +29,8 @@ are never cue pixels) and toyvoc.json (parameters, ids, counts). `train_aug` is 
 label minus `val`; `train` is a subset of it.
 
 OoD candidates (`--ood_out`): images/<name>.jpg (a few grayscale JPEGs and palette PNGs among them),
-candidates.txt (paths relative to --ood_out) and manifest.json ([{"path", "hard", "cue"}]). Hard
+CueMasks/<name>.png (as for the ID images), candidates.txt (paths relative to --ood_out) and
+manifest.json ([{"path", "hard", "cue", "cue_kind", "mode", "cue_mask"}]). Hard
 candidates are scenes drawn by the same code with one class's cue and no object; easy ones show only
 generic stuff.
 
@@ -593,8 +594,8 @@ def draw_ood_image(seed, index, cue_class, args):
     bottom = cue_class if cue_class in BOTTOM_CLASSES else None
     if rng.random() < args.swap_prob:
         top, bottom = bottom, top
-    rgb, *_ = draw_scene(rng, h, w, top, bottom, True, True, False, args.void_width)
-    return rgb
+    rgb, _, cue, _ = draw_scene(rng, h, w, top, bottom, True, True, False, args.void_width)
+    return rgb, cue
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -733,14 +734,18 @@ def write_ood_set(args):
     for index in range(args.n_ood_hard + args.n_ood_easy):
         hard = index < args.n_ood_hard
         cue_class = CUE_CLASSES[index % len(CUE_CLASSES)] if hard else None
-        rgb = draw_ood_image(args.seed, index, cue_class, args)
+        rgb, cue = draw_ood_image(args.seed, index, cue_class, args)
         mode = ood_mode(index if hard else index - args.n_ood_hard, hard, args)
-        rel = f"images/ood_{index + 1:04d}" + (".png" if mode == "P" else ".jpg")
+        name = f"ood_{index + 1:04d}"
+        rel = f"images/{name}" + (".png" if mode == "P" else ".jpg")
         save_ood_image(os.path.join(args.ood_out, rel), rgb, mode)
+        save_png(os.path.join(args.ood_out, "CueMasks", name + ".png"), cue)
         entries.append({"path": rel, "hard": hard, "cue": cue_class,
-                        "cue_kind": CUE_OF[cue_class] if hard else None, "mode": mode})
+                        "cue_kind": CUE_OF[cue_class] if hard else None, "mode": mode,
+                        "cue_mask": f"CueMasks/{name}.png"})
     save_text(os.path.join(args.ood_out, "candidates.txt"), "".join(e["path"] + "\n" for e in entries))
     remove_stale(os.path.join(args.ood_out, "images"), {os.path.basename(e["path"]) for e in entries})
+    remove_stale(os.path.join(args.ood_out, "CueMasks"), {os.path.basename(e["cue_mask"]) for e in entries})
     save_json(os.path.join(args.ood_out, OOD_MARKER), entries)
     return {"n_hard": args.n_ood_hard, "n_easy": args.n_ood_easy}
 

@@ -51,7 +51,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         generate(tmp_path / name, seed=seed)
         trees[name] = all_files(tmp_path / name)
     first, again, other = trees["a"], trees["again"], trees["b"]
-    assert len(first) == 8 * 4 + 5 + 3 + 1 + 8 + 2  # jpg/xml/aug/cue, 5 palette GT, 3 lists, json; ood
+    assert len(first) == 8 * 4 + 5 + 3 + 1 + 8 * 2 + 2  # jpg/xml/aug/cue, 5 palette GT, 3 lists, json; ood + cue
     assert sorted(first) == sorted(again)
     assert all(first[k] == again[k] for k in first)
     assert sorted(other) == sorted(first)
@@ -187,6 +187,14 @@ def test_ood_pool(tiny):
     assert [e["cue"] for e in hard] == list(toyvoc.CUE_CLASSES[:4])
     assert [e["cue_kind"] for e in hard] == [toyvoc.CUE_OF[c] for c in toyvoc.CUE_CLASSES[:4]]
     assert all(e["cue"] is None for e in manifest if not e["hard"])
+    for e in manifest:  # a hard candidate shows its class's cue over a good part of it, an easy one none
+        cue = np.asarray(Image.open(os.path.join(ood, e["cue_mask"])))
+        with Image.open(os.path.join(ood, e["path"])) as img:
+            assert cue.shape == img.size[::-1]
+        if e["hard"]:
+            assert set(np.unique(cue)) == {0, toyvoc.CAT_LIST.index(e["cue"]) + 1} and (cue > 0).mean() > 0.25
+        else:
+            assert not cue.any()
     modes = {}
     for e in manifest:
         with Image.open(os.path.join(ood, e["path"])) as img:
