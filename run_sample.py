@@ -48,7 +48,8 @@ PRESETS = {
     ),
     "toy": dict(
         voc12_root="Data/ToyVOC",
-        pretrained="none", backbone_width=16,
+        # the toy world's "ImageNet" weights (misc/toynet.py; bash_run_sample.sh --toy makes them)
+        pretrained=os.path.join("sess", "toy", "resnet50_toynet_w16.pth"), backbone_width=16,
         work_dir="result/toy",
         ood_pool_root="WOoD_dataset/toy", ood_pool_list="WOoD_dataset/toy/candidates.txt",
         ood_root="WOoD_dataset/toy", ood_list=None,  # the mined list, <work_dir>/ood_list.txt
@@ -56,7 +57,7 @@ PRESETS = {
         irn_weights_name="sess/toy/res50_irn.pth",
         # sizes scaled from ~500 px VOC images to ~160 px toy images
         cam_resize_long=[100, 200], cam_crop_size=160, ood_long_side=160, irn_crop_size=160,
-        cam_num_epoches=25, wood_num_epoches=5, irn_num_epoches=8,
+        cam_num_epoches=25, wood_num_epoches=25, irn_num_epoches=8,  # W-OoD gets the ID classifier's epochs, as in the paper (5 and 5)
         cluster_K=8, adv_iter=8, num_workers=2, cpu_threads=1,
         cam_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
         select_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
@@ -87,7 +88,8 @@ def build_parser():
 
     g = p.add_argument_group("backbone")
     g.add_argument("--pretrained", default=None,
-                   help="torchvision ImageNet weights (path or URL), or 'none' (ToyVOC: train from scratch)")
+                   help="torchvision-format ResNet-50 weights (path or URL: ImageNet, or ToyVOC's ToyNet file of "
+                        "misc/toynet.py), or 'none' (train the ID classifier from scratch)")
     g.add_argument("--backbone_width", type=int, default=64, help="64 = the real ResNet-50")
     g.add_argument("--real_momentum", type=float, default=None,
                    help="use this SGD momentum instead of the original's 1e-4 quirk (Deviations)")

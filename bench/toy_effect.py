@@ -3,6 +3,9 @@
     python bench/toy_effect.py [--seeds 0 1 2] [--bench_dir bench_out/toy_effect] [--data_args '...']
                                [-- extra run_sample flags]
 
+The backbone weights are the preset's ToyNet pre-training (misc/toynet.py), made once into
+<bench_dir>/toynet_w16.pth and shared by the seeds, as ImageNet weights are shared by real experiments
+(pass `-- --pretrained FILE` to use another file, or `-- --pretrained none` to train from scratch).
 For each seed: generate ToyVOC (misc.toyvoc, that seed) into <bench_dir>/seed<s>/, then run the CAM stage
 through run_sample.py with the toy preset and that seed: train_cam -> make_cam + eval_cam from the ID
 classifier (baseline) -> mine_ood -> train_wood -> make_cam + eval_cam from the W-OoD classifier. Prints per
@@ -84,6 +87,15 @@ def main():
     p.add_argument("--bench_dir", default=os.path.join("bench_out", "toy_effect"))
     p.add_argument("--data_args", default="", help="extra misc.toyvoc flags, e.g. '--class_colour_prob 0.5'")
     a = p.parse_args(argv)
+    if "--pretrained" not in extra:
+        toynet = os.path.abspath(os.path.join(a.bench_dir, "toynet_w16.pth"))
+        if not os.path.isfile(toynet):
+            os.makedirs(a.bench_dir, exist_ok=True)
+            start = time.time()
+            sh([sys.executable, "-m", "misc.toynet", "--out", toynet, "--width", "16", "--threads", "1"],
+               os.path.join(a.bench_dir, "toynet_log.txt"))
+            print(f"ToyNet pre-training: {time.time() - start:.0f} s -> {toynet}", flush=True)
+        extra = ["--pretrained", toynet] + extra
     diffs = []
     for seed in a.seeds:
         r = run_seed(seed, a.bench_dir, extra, a.data_args.split())

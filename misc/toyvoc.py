@@ -459,10 +459,13 @@ def place_object(rng, h, w, cls, y0, y1):
 
 
 def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_objects, void_width,
-               class_colour_prob=0.0):
+               class_colour_prob=0.0, stuff=None):
     """One image whose top / bottom region belongs to `top_class` / `bottom_class` (None: generic
     stuff; a class whose cue flag is False also gets generic stuff). Returns rgb uint8 (h, w, 3),
-    label (h, w) uint8 with the void band, cue map (h, w) uint8 and [(class name, visible mask)]."""
+    label (h, w) uint8 with the void band, cue map (h, w) uint8 and [(class name, visible mask)].
+
+    `stuff` = (top kind, bottom kind), each a key of CUE_PAINTERS or "generic", paints the regions
+    whatever their classes (misc/toynet.py: objects on unrelated backgrounds); the cue map is then 0."""
     # a top region holding a standing or perching object, or a bottom one holding a bird, needs room
     room_top = top_class is not None and top_class != "aeroplane"
     room_bottom = bottom_class == "bird"
@@ -481,9 +484,12 @@ def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_obj
 
     cue_map = np.zeros((h, w), np.uint8)
     img = np.zeros((h, w, 3), np.float32)
-    for region, cls, cue, key in ((top_region, top_class, top_cue, "top"),
-                                  (~top_region, bottom_class, bottom_cue, "bottom")):
-        if cls in CUE_OF and cue:
+    for index, (region, cls, cue, key) in enumerate(((top_region, top_class, top_cue, "top"),
+                                                     (~top_region, bottom_class, bottom_cue, "bottom"))):
+        if stuff is not None:
+            painter = CUE_PAINTERS.get(stuff[index], paint_generic)
+            img[region] = painter(rng, h, w, anchors[key])[region]
+        elif cls in CUE_OF and cue:
             img[region] = CUE_PAINTERS[CUE_OF[cls]](rng, h, w, anchors[key])[region]
             cue_map[region] = CAT_LIST.index(cls) + 1
         else:

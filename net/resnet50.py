@@ -1,8 +1,9 @@
 """ResNet-50 backbone (SPEC 2.1): torchvision layout ("v1.5"), frozen BatchNorm, strides (2, 2, 2, 1).
 
-`width` scales every layer (64 = the real ResNet-50). `frozen_bn=False` gives ordinary BatchNorm,
-used only to train the ToyVOC ID classifier from scratch (`--pretrained none`, see README
-"Deviations"); every later step rebuilds the net with frozen BatchNorm and keeps those statistics.
+`width` scales every layer (64 = the real ResNet-50; ToyVOC's ToyNet weights are width 16, see
+misc/toynet.py). `frozen_bn=False` gives ordinary BatchNorm, used only for pre-training (misc/toynet.py)
+and to train a ToyVOC ID classifier from scratch (`--pretrained none`, see README "Deviations"); every
+later step rebuilds the net with frozen BatchNorm and keeps those statistics.
 """
 import os
 import urllib.error
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from misc.utils import InputError, load_torch
+from misc.utils import InputError, load_torch, require_file
 
 IMAGENET_URL = "https://download.pytorch.org/models/resnet50-19c8e357.pth"
 IMAGENET_FILE = os.path.join("sess", "resnet50-19c8e357.pth")
@@ -107,6 +108,9 @@ def imagenet_state_dict(pretrained):
             raise InputError(f"cannot download ImageNet weights from {url} ({e}). Download "
                              f"resnet50-19c8e357.pth by hand and put it at {path}, or pass "
                              f"--pretrained <path> (or --pretrained none for ToyVOC).") from None
+    require_file(path, "torchvision-format ResNet-50 weights: torchvision's ImageNet file for VOC "
+                       "(sess/resnet50-19c8e357.pth), or for ToyVOC the ToyNet file that "
+                       f"`python -m misc.toynet --out {path}` makes (bash_run_sample.sh --toy does it)")
     state = load_torch(path)
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
@@ -115,12 +119,16 @@ def resnet50(pretrained="none", strides=(2, 2, 2, 1), width=64, frozen_bn=True):
     """Build the backbone; `pretrained` is 'none' or a path/URL of torchvision ImageNet weights."""
     model = ResNet50(strides=strides, width=width, frozen_bn=frozen_bn)
     if pretrained and pretrained.lower() != "none":
-        if width != 64:
-            raise InputError(f"--pretrained {pretrained} needs the real ResNet-50 (--backbone_width 64), "
-                             f"got width {width}")
         state = imagenet_state_dict(pretrained)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        own = model.state_dict()
+        missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
+        unexpected = [k for k in state if k not in own]
         if missing or unexpected:
             raise InputError(f"{pretrained} is not a torchvision ResNet-50 state dict: missing keys "
                              f"{missing[:5]}, unexpected keys {unexpected[:5]}")
+        if state["conv1.weight"].shape != own["conv1.weight"].shape:
+            raise InputError(f"{pretrained} holds a ResNet-50 of width {state['conv1.weight'].shape[0]}, the "
+                             f"network is built with --backbone_width {width}: pass --backbone_width "
+                             f"{state['conv1.weight'].shape[0]} (64 for torchvision's ImageNet weights)")
+        model.load_state_dict(state, strict=False)
     return model

@@ -45,7 +45,8 @@ def test_paper_preset_is_the_spec():
 def test_toy_preset_keeps_the_method_constants_and_command_line_wins():
     a = run_sample.parse_args(["--preset", "toy", "--cluster_K", "5", "--work_dir", "/tmp/w"])
     paper = run_sample.parse_args([])
-    assert a.pretrained == "none" and a.voc12_root == "Data/ToyVOC" and a.cluster_K == 5
+    assert a.pretrained == os.path.join("sess", "toy", "resnet50_toynet_w16.pth") and a.backbone_width == 16
+    assert a.voc12_root == "Data/ToyVOC" and a.cluster_K == 5
     for name in ["distance_lambda", "ood_dist_topk", "ood_coeff", "ood_adv_step", "AD_coeff", "AD_stepsize",
                  "score_th", "beta", "exp_times", "conf_fg_thres", "conf_bg_thres", "cam_learning_rate",
                  "wood_learning_rate", "irn_learning_rate"]:

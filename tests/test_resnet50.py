@@ -45,11 +45,14 @@ def test_imagenet_weights_load_and_bad_files_are_named(tmp_path):
     loaded = resnet50(path)
     for k, v in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
+    with pytest.raises(InputError, match="width 64.*--backbone_width 64"):
+        resnet50(path, width=16)
     del state["layer4.2.conv3.weight"]
     save_torch(path, state)
     with pytest.raises(InputError, match="layer4.2.conv3.weight"):
         resnet50(path)
-    with pytest.raises(InputError, match="backbone_width 64"):
-        resnet50(path, width=16)
+    narrow = resnet50("none", width=8)   # a ToyNet-style file of another width loads at that width
+    save_torch(path, {**narrow.state_dict(), "fc.weight": torch.zeros(16, 256), "fc.bias": torch.zeros(16)})
+    assert all(torch.equal(resnet50(path, width=8).state_dict()[k], v) for k, v in narrow.state_dict().items())
     with pytest.raises(InputError, match="missing file"):
         resnet50(str(tmp_path / "absent.pth"))

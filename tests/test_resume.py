@@ -228,6 +228,7 @@ def test_train_cam_interrupted_while_saving_leaves_no_weights(fake_voc, tmp_path
     weights = sess / "res50_cam.pth"
     argv = ["--preset", "toy", "--work_dir", str(tmp_path / "work"), "--voc12_root", fake_voc["root"],
             "--train_cam_pass", "true", "--cam_weights_name", str(weights), "--backbone_width", str(WIDTH),
+            "--pretrained", "none",
             "--device", "cpu", "--num_workers", "0", "--cam_batch_size", "2", "--cam_num_epoches", "1",
             "--cam_crop_size", "64", "--cam_resize_long", "48", "80"]
     log = interrupt_driver(tmp_path, argv, sess, 1, sig)  # the first (only) write there: the weights
