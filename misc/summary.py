@@ -45,7 +45,7 @@ def summary_markdown(entries):
         paper_txt = f"{paper[1]:.1f} ({paper[0]})" if paper else ""
         if n in ("wood_advcam", "pseudo_mask") and paper:
             paper_txt = "about " + paper_txt
-        lines.append(f"| {n} | {e['step']} | {_fmt(e.get('threshold'))} | {_fmt(e['miou'])} | "
+        lines.append(f"| {n} | {e['step']} | {'-' if e.get('threshold') is None else format(e['threshold'], 'g')} | {_fmt(e['miou'])} | "
                      f"{_fmt(_mean_defined(e['precision']))} | {_fmt(_mean_defined(e['recall']))} | "
                      f"{paper_txt} |")
     classes = [c for c in (entries[0]["iou"] if entries else {})
