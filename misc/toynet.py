@@ -4,8 +4,9 @@
 
 Why it exists: the paper starts every network from ImageNet weights, whose features recognise objects
 and "stuff" (rails, water, sky) separately, because ImageNet shows them in every combination. A
-classifier trained from scratch on ToyVOC alone learns its features on data where a cue and its class
-always appear together; then W-OoD has no cue feature to suppress. ToyNet pre-trains the backbone on
+classifier trained from scratch on ToyVOC alone learns features that tie a cue to its object (it tells
+"rails next to a train" from "rails alone"), and W-OoD, which teaches that a cue alone is no class, then
+barely changes its CAMs (README, "The W-OoD effect on ToyVOC"). ToyNet pre-trains the backbone on
 generated scenes drawn by misc.toyvoc's painters in which the object class (or no object) and the
 stuff of the top and bottom regions are drawn independently and uniformly: multi-label classification
 of the 9 toy object classes plus the 7 stuff kinds (6 cues, generic), ordinary BatchNorm, SGD with real
@@ -29,8 +30,7 @@ from tqdm import tqdm
 
 from misc import imutils
 from misc.torchutils import gap2d, make_poly_optimizer
-from misc.toyvoc import (BOTTOM_CLASSES, CUE_PAINTERS, MIN_VISIBLE_OBJECT_PIXELS, TOP_CLASSES, TOY_CLASSES,
-                         draw_scene, image_size)
+from misc.toyvoc import CUE_PAINTERS, MIN_VISIBLE_OBJECT_PIXELS, TOP_CLASSES, TOY_CLASSES, draw_scene, image_size
 from misc.utils import InputError, save_torch
 from net.resnet50 import ResNet50
 
