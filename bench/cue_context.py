@@ -23,26 +23,24 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy import ndimage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import run_sample  # noqa: E402
-from misc.imutils import normalize, read_rgb  # noqa: E402
+from misc.imutils import hwc_to_chw, normalize, read_rgb  # noqa: E402
 from net.resnet50_cam import CAM, load_classifier  # noqa: E402
-from voc12.dataloader import CAT_LIST, load_image_labels, load_img_name_list  # noqa: E402
+from voc12.dataloader import CAT_LIST, load_gt, load_image_labels, load_img_name_list, read_index_png  # noqa: E402
 
 
 def raw_maps(model, rgb):
     """(20, H, W) raw class maps of one RGB uint8 image at scale 1, resized to the image."""
-    x = torch.from_numpy(normalize(rgb).transpose(2, 0, 1).copy())[None]
-    maps = model.class_maps(x)
+    maps = model.class_maps(torch.from_numpy(hwc_to_chw(normalize(rgb)))[None])
     return F.interpolate(maps, rgb.shape[:2], mode="bilinear", align_corners=False)[0].numpy()
 
 
-def read_png(path):
-    return np.asarray(Image.open(path))
+def read_cue_mask(path):
+    return read_index_png(path, "a ToyVOC cue mask (misc.toyvoc writes CueMasks/)")
 
 
 def id_scores(model, voc12_root, list_spec, near, far):
@@ -50,8 +48,8 @@ def id_scores(model, voc12_root, list_spec, near, far):
     ids = load_img_name_list(voc12_root, list_spec)
     out = {"object": [], "cue_near": [], "cue_far": []}
     for img_id, label in zip(ids, load_image_labels(voc12_root, ids)):
-        cue = read_png(os.path.join(voc12_root, "CueMasks", img_id + ".png"))
-        gt = read_png(os.path.join(voc12_root, "SegmentationClass", img_id + ".png"))
+        cue = read_cue_mask(os.path.join(voc12_root, "CueMasks", img_id + ".png"))
+        gt = load_gt(voc12_root, img_id)
         maps = None
         for k in np.nonzero(label)[0]:
             own_cue = cue == k + 1
@@ -77,7 +75,7 @@ def ood_scores(model, ood_root):
     for e in hard:
         k = CAT_LIST.index(e["cue"])
         maps = raw_maps(model, read_rgb(os.path.join(ood_root, e["path"])))
-        cue = read_png(os.path.join(ood_root, e["cue_mask"]))
+        cue = read_cue_mask(os.path.join(ood_root, e["cue_mask"]))
         cue_means.append(maps[k][cue == k + 1].mean())
         probs.append(1 / (1 + np.exp(-maps[k].mean())))   # GAP then the linear classifier = mean of the map
     return np.array(cue_means), np.array(probs)

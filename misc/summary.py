@@ -28,6 +28,10 @@ def _fmt(x):
     return "-" if x is None else f"{x:.1f}"
 
 
+def _fmt_threshold(t):
+    return "-" if t is None else format(t, "g")   # exactly as swept (0.15 stays 0.15)
+
+
 def _mean_defined(values):
     vals = [v for k, v in values.items() if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -45,7 +49,7 @@ def summary_markdown(entries):
         paper_txt = f"{paper[1]:.1f} ({paper[0]})" if paper else ""
         if n in ("wood_advcam", "pseudo_mask") and paper:
             paper_txt = "about " + paper_txt
-        lines.append(f"| {n} | {e['step']} | {'-' if e.get('threshold') is None else format(e['threshold'], 'g')} | {_fmt(e['miou'])} | "
+        lines.append(f"| {n} | {e['step']} | {_fmt_threshold(e.get('threshold'))} | {_fmt(e['miou'])} | "
                      f"{_fmt(_mean_defined(e['precision']))} | {_fmt(_mean_defined(e['recall']))} | "
                      f"{paper_txt} |")
     classes = [c for c in (entries[0]["iou"] if entries else {})

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from misc import imutils
 from misc.torchutils import gap2d, make_poly_optimizer
-from misc.toyvoc import CUE_PAINTERS, MIN_VISIBLE_OBJECT_PIXELS, TOP_CLASSES, TOY_CLASSES, draw_scene, image_size
+from misc.toyvoc import CUE_PAINTERS, TOP_CLASSES, TOY_CLASSES, draw_visible_scene, image_size
 from misc.utils import InputError, save_torch
 from net.resnet50 import ResNet50
 
@@ -53,10 +53,7 @@ def draw_toynet_image(seed, index, long_min, long_max):
     bottom = cls if cls is not None and cls not in TOP_CLASSES else None
     if rng.random() < 0.5:   # as in ToyVOC: where an object stands is no evidence
         top, bottom = bottom, top
-    while True:
-        rgb, _, _, objects = draw_scene(rng, h, w, top, bottom, True, True, True, 0, stuff=stuff)
-        if all(m.sum() >= MIN_VISIBLE_OBJECT_PIXELS * h * w for _, m in objects):
-            break
+    rgb, *_ = draw_visible_scene(rng, h, w, top, bottom, True, True, True, 0, stuff=stuff)
     label = np.zeros(len(LABELS), np.float32)
     if cls is not None:
         label[LABELS.index(cls)] = 1

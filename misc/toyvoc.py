@@ -579,16 +579,22 @@ def plan_id_images(seed, n, two_class_prob, cue_drop_prob, swap_prob):
     return plans
 
 
+def draw_visible_scene(rng, h, w, *args, **kwargs):
+    """draw_scene(rng, h, w, *args, **kwargs) again (same generator, so deterministic) until every object
+    keeps MIN_VISIBLE_OBJECT_PIXELS of the image after occlusion."""
+    while True:
+        scene = draw_scene(rng, h, w, *args, **kwargs)
+        if all(m.sum() >= MIN_VISIBLE_OBJECT_PIXELS * h * w for _, m in scene[3]):
+            return scene
+
+
 def draw_id_image(seed, index, plan, args):
     """Draw ID image `index` with its own generator; retry when an object is occluded away."""
     top, bottom, top_cue, bottom_cue = plan
     rng = np.random.default_rng([seed, STREAM_ID, index])
     h, w = image_size(rng, args.long_min, args.long_max)
-    while True:
-        rgb, label, cue, objects = draw_scene(rng, h, w, top, bottom, top_cue, bottom_cue, True,
-                                              args.void_width, args.class_colour_prob)
-        if all(m.sum() >= MIN_VISIBLE_OBJECT_PIXELS * h * w for _, m in objects):
-            return rgb, label, cue, objects
+    return draw_visible_scene(rng, h, w, top, bottom, top_cue, bottom_cue, True, args.void_width,
+                              args.class_colour_prob)
 
 
 def draw_ood_image(seed, index, cue_class, args):

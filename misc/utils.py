@@ -112,11 +112,12 @@ def save_torch(path, state_dict):
         torch.save(state_dict, tmp)
 
 
-def load_torch(path, map_location="cpu"):
-    """Load a state dict safely (weights_only=True), with a clear error if it is missing/corrupt."""
+def load_torch(path, map_location="cpu", what="a PyTorch state dict (.pth); train it with the step that "
+                                                "writes it or download the released weights"):
+    """Load a state dict safely (weights_only=True), with a clear error if it is missing/corrupt;
+    `what` says in the missing-file error what belongs there."""
     import torch
-    require_file(path, "a PyTorch state dict (.pth); train it with the step that writes it or "
-                       "download the released weights")
+    require_file(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:

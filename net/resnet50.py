@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from misc.utils import InputError, load_torch, require_file
+from misc.torchutils import load_canonical_state
+from misc.utils import InputError, load_torch
 
 IMAGENET_URL = "https://download.pytorch.org/models/resnet50-19c8e357.pth"
 IMAGENET_FILE = os.path.join("sess", "resnet50-19c8e357.pth")
@@ -108,10 +109,9 @@ def imagenet_state_dict(pretrained):
             raise InputError(f"cannot download ImageNet weights from {url} ({e}). Download "
                              f"resnet50-19c8e357.pth by hand and put it at {path}, or pass "
                              f"--pretrained <path> (or --pretrained none for ToyVOC).") from None
-    require_file(path, "torchvision-format ResNet-50 weights: torchvision's ImageNet file for VOC "
-                       "(sess/resnet50-19c8e357.pth), or for ToyVOC the ToyNet file that "
-                       f"`python -m misc.toynet --out {path}` makes (bash_run_sample.sh --toy does it)")
-    state = load_torch(path)
+    state = load_torch(path, what="torchvision-format ResNet-50 weights: torchvision's ImageNet file for "
+                                  "VOC (sess/resnet50-19c8e357.pth), or for ToyVOC the ToyNet file that "
+                                  f"`python -m misc.toynet --out {path}` makes (bash_run_sample.sh --toy does it)")
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
@@ -120,15 +120,10 @@ def resnet50(pretrained="none", strides=(2, 2, 2, 1), width=64, frozen_bn=True):
     model = ResNet50(strides=strides, width=width, frozen_bn=frozen_bn)
     if pretrained and pretrained.lower() != "none":
         state = imagenet_state_dict(pretrained)
-        own = model.state_dict()
-        missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected:
-            raise InputError(f"{pretrained} is not a torchvision ResNet-50 state dict: missing keys "
-                             f"{missing[:5]}, unexpected keys {unexpected[:5]}")
-        if state["conv1.weight"].shape != own["conv1.weight"].shape:
-            raise InputError(f"{pretrained} holds a ResNet-50 of width {state['conv1.weight'].shape[0]}, the "
-                             f"network is built with --backbone_width {width}: pass --backbone_width "
-                             f"{state['conv1.weight'].shape[0]} (64 for torchvision's ImageNet weights)")
-        model.load_state_dict(state, strict=False)
+        stem = state.get("conv1.weight")
+        if stem is not None and stem.shape != model.conv1.weight.shape:   # say which width to pass
+            raise InputError(f"{pretrained} holds a ResNet-50 of width {stem.shape[0]}, the network is built "
+                             f"with --backbone_width {width}: pass --backbone_width {stem.shape[0]} (64 for "
+                             f"torchvision's ImageNet weights)")
+        load_canonical_state(model, state, {k: k for k in state}, pretrained, "a torchvision ResNet-50", width)
     return model
