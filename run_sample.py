@@ -110,6 +110,9 @@ def build_parser():
     g.add_argument("--cam_out_dir", default=None, help="default <work_dir>/wood_cam")
     g.add_argument("--eval_cam_dir", default=None, help="what eval_cam scores (default --cam_out_dir)")
     g.add_argument("--cam_eval_thres", type=float, nargs="+", default=CAM_EVAL_THRES_PAPER)
+    g.add_argument("--cpu_jit", type=B, default=True,
+                   help="on CPU, run make_cam's net as a frozen TorchScript graph (BN folded, fused ReLU): "
+                        "the same CAMs up to float rounding, faster (bench/make_cam.py)")
 
     g = p.add_argument_group("mine_ood (SPEC 4.2)")
     g.add_argument("--ood_pool_root", default=None, help="folder of candidate OoD images")

@@ -7,8 +7,8 @@ Both sides use the same weights (random init, frozen BatchNorm with random runni
 to a .pth and loaded the way make_cam loads it) and the same images (N fake VOC images of --size px made
 by tests/fakevoc.py, or the first N ids of --infer_list under --voc12_root). Every run reads the images,
 computes and writes one .npz per image into a fresh folder, so a run's wall time is the whole step:
-model loading, image decoding and rescaling, forwards, resizes, writes (and for the CPU process pool
-the start of its processes). The literal loop follows SPEC 4.4 / 2.2 / 1.2 to the letter: for each
+model loading (and, with --cpu_jit true, make_cam's tracing of its frozen graph), image decoding and
+rescaling, forwards, resizes, writes (and for the CPU process pool the start of its helper processes). The literal loop follows SPEC 4.4 / 2.2 / 1.2 to the letter: for each
 image, for each scale, rescale + normalise, forward x and flip(x) separately (batch 1),
 A = relu(conv2d(stage4, classifier.weight)), A_x + flip(A_flip), bilinear resize to the strided and
 strided-up sizes, sum over scales, crop, keep the label classes, divide each by its max + 1e-5.
@@ -115,7 +115,8 @@ def step_args(a, work, voc12_root, infer_list, weights, out_dir, num_workers):
     return run_sample.parse_args([
         "--preset", "toy", "--work_dir", work, "--voc12_root", voc12_root, "--infer_list", infer_list,
         "--make_cam_from", "id", "--cam_weights_name", weights, "--backbone_width", str(a.width),
-        "--device", a.device, "--num_workers", str(num_workers), "--cam_out_dir", out_dir])
+        "--device", a.device, "--num_workers", str(num_workers), "--cam_out_dir", out_dir,
+        "--cpu_jit", a.cpu_jit])
 
 
 def compare(dir_a, dir_b, ids):
@@ -186,6 +187,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process (see above)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cpu_jit", default="true", help="make_cam's --cpu_jit (frozen TorchScript graph on CPU)")
     p.add_argument("--voc12_root", default=None, help="real VOC folder instead of fake images")
     p.add_argument("--infer_list", default="train", help="with --voc12_root: split name or list file")
     p.add_argument("--seed", type=int, default=0)

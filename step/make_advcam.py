@@ -184,15 +184,16 @@ def _init_worker(args, weights, hint, ids):
     _WORKER["args"] = args
 
 
-def _work_chunk(indices):
-    for i in indices:
-        _write_pack(_WORKER["model"], _WORKER["dataset"][i], _WORKER["args"])
-    return len(indices)
+def _work_item(index):
+    _write_pack(_WORKER["model"], _WORKER["dataset"][index], _WORKER["args"])
 
 
 def _run_pool(args, weights, hint, ids):
-    run_in_processes(len(ids), args.num_workers, _init_worker, (args, weights, hint, ids), _work_chunk,
-                     "make_advcam")
+    try:
+        run_in_processes(len(ids), args.num_workers, _init_worker, (args, weights, hint, ids), _work_item,
+                         "make_advcam")
+    finally:
+        _WORKER.clear()  # this process worked in the pool too
 
 
 def _run_single(args, model, dataset):

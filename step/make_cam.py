@@ -4,8 +4,10 @@ Output `<cam_out_dir>/<id>.npz`: `keys` (int64, ascending label classes), `cam` 
 and `high_res` (n_keys, H, W), float32, each class map divided by its own maximum + 1e-5.
 
 Batching: one forward per scale takes the image and its flip together (the MSF pair). Resumable: ids
-whose .npz exists are skipped. On CPU with --num_workers > 1 the pending ids are split over that many
-processes (one torch thread each); on a GPU one process, with --num_workers data-loader workers.
+whose .npz exists are skipped. On CPU with --num_workers > 1 the pending ids are shared by that many
+processes, this one included (one torch thread each), and with --cpu_jit (default) each runs the net as
+a frozen TorchScript graph (misc.torchutils.frozen_cpu_graph: the same maps up to float rounding); on a
+GPU one process, with --num_workers data-loader workers.
 
 The maths is in pure functions reused elsewhere: `cam_maps` (W-OoD's checkpoint selection computes
 CAMs in memory), `accumulate_scale_maps` / `normalise_per_class` (AdvCAM builds its output from its
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from misc.parallel import run_in_processes
+from misc.torchutils import frozen_cpu_graph
 from misc.utils import pending, save_npz
 from net.resnet50_cam import CAM, load_classifier
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
@@ -86,13 +89,14 @@ def cam_maps(model, msf_imgs, size):
     return accumulate_scale_maps(outputs, size)
 
 
-def image_cam(model, msf_imgs, size, label):
+def image_cam(model, msf_imgs, size, label, device):
     """The saved arrays of one image: dict(keys, cam, high_res) as numpy (int64, float32, float32).
+
+    `model` is a CAM net on `device` (or its frozen graph, which has no parameters to ask).
 
     Only the label classes are resized: bilinear resizing works channel by channel, so this equals
     resizing all 20 maps and keeping the label classes afterwards, at a fraction of the cost.
     """
-    device = next(model.parameters()).device
     keys = torch.nonzero(torch.as_tensor(label).reshape(-1))[:, 0]
     keys_dev = keys.to(device)
     outputs = [model(torch.as_tensor(pair).to(device))[keys_dev] for pair in msf_imgs]
@@ -111,8 +115,8 @@ def _size(pack_size):
     return int(pack_size[0]), int(pack_size[1])
 
 
-def _write_pack(model, pack, out_dir):
-    arrays = image_cam(model, pack["img"], _size(pack["size"]), pack["label"])
+def _write_pack(model, pack, out_dir, device):
+    arrays = image_cam(model, pack["img"], _size(pack["size"]), pack["label"], device)
     save_npz(cam_path(out_dir, pack["name"]), **arrays)
 
 
@@ -127,24 +131,32 @@ def weights_of(args):
 _WORKER = {}
 
 
+def inference_model(args, weights, hint):
+    """The CAM net make_cam runs: on CPU with --cpu_jit, its frozen TorchScript graph (bench/make_cam.py)."""
+    model = load_classifier(args, weights, cls=CAM, hint=hint)
+    if args.cpu_jit and torch.device(args.device).type == "cpu":
+        return frozen_cpu_graph(model, torch.zeros(2, 3, 64, 64)) or model
+    return model
+
+
 def _init_worker(args, weights, hint, ids):
     torch.set_num_threads(1)
-    _WORKER["model"] = load_classifier(args, weights, cls=CAM, hint=hint)
+    _WORKER["model"] = inference_model(args, weights, hint)
     _WORKER["dataset"] = VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales)
     _WORKER["out_dir"] = args.cam_out_dir
 
 
-def _work_chunk(indices):
-    dataset = _WORKER["dataset"]
+def _work_item(index):
     with torch.inference_mode():
-        for i in indices:
-            _write_pack(_WORKER["model"], dataset[i], _WORKER["out_dir"])
-    return len(indices)
+        _write_pack(_WORKER["model"], _WORKER["dataset"][index], _WORKER["out_dir"], torch.device("cpu"))
 
 
 def _run_pool(args, weights, hint, ids):
-    run_in_processes(len(ids), args.num_workers, _init_worker, (args, weights, hint, ids), _work_chunk,
-                     "make_cam")
+    try:
+        run_in_processes(len(ids), args.num_workers, _init_worker, (args, weights, hint, ids), _work_item,
+                         "make_cam")
+    finally:
+        _WORKER.clear()  # this process worked in the pool too
 
 
 def _run_single(args, model, dataset):
@@ -157,7 +169,7 @@ def _run_single(args, model, dataset):
                         pin_memory=device.type == "cuda")
     with torch.inference_mode():
         for pack in tqdm(loader, desc="make_cam", unit="img"):
-            _write_pack(model, pack, args.cam_out_dir)
+            _write_pack(model, pack, args.cam_out_dir, device)
 
 
 def run(args):
@@ -169,11 +181,10 @@ def run(args):
     if not todo:
         return
     # built here first so that bad weights or missing images fail at once, with a clear message
-    model = load_classifier(args, weights, cls=CAM, hint=hint)
+    load_classifier(args, weights, cls=CAM, hint=hint)
     dataset = VOC12ClassificationDatasetMSF(todo, args.voc12_root, scales=args.cam_scales)
     os.makedirs(args.cam_out_dir, exist_ok=True)
     if torch.device(args.device).type == "cpu" and args.num_workers > 1 and len(todo) > 1:
-        del model, dataset
         _run_pool(args, weights, hint, todo)
     else:
-        _run_single(args, model, dataset)
+        _run_single(args, inference_model(args, weights, hint), dataset)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from fakevoc import make_fake_voc
 from misc import imutils
 from misc.metrics import cam_to_label, confusion_matrix, scores
+from misc.torchutils import frozen_cpu_graph
 from misc.utils import InputError, load_npz, save_npz, save_torch
 from net.resnet50_cam import CAM
 from step import eval_cam, make_cam
@@ -39,7 +40,7 @@ def setup(tmp_path_factory):
         make_cam_from="id", cam_weights_name=weights, wood_weights_name=str(root / "missing_wood.pth"),
         cam_out_dir=str(root / "cams"), eval_cam_dir=str(root / "cams"), advcam_out_dir=str(root / "advcam"),
         backbone_width=WIDTH, device="cpu", num_workers=0, work_dir=str(root / "work"), eval_name=None,
-        cam_eval_thres=[0.05, 0.1, 0.2, 0.3, 0.5])
+        cpu_jit=False, cam_eval_thres=[0.05, 0.1, 0.2, 0.3, 0.5])
     make_cam.run(args)
     return info, model.eval(), args
 
@@ -129,6 +130,42 @@ def test_cpu_process_pool_gives_the_same_files(setup, tmp_path):
         b = load_npz(os.path.join(pool_args.cam_out_dir, img_id + ".npz"))
         assert a["keys"].tolist() == b["keys"].tolist()
         np.testing.assert_allclose(a["high_res"], b["high_res"], rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_graph_run_gives_the_same_files_up_to_rounding(setup, tmp_path):
+    info, model, args = setup
+    jit_args = argparse.Namespace(**{**vars(args), "cam_out_dir": str(tmp_path / "jit"), "cpu_jit": True})
+    make_cam.run(jit_args)
+    for img_id in info["train"]:
+        a = load_npz(os.path.join(args.cam_out_dir, img_id + ".npz"))
+        b = load_npz(os.path.join(jit_args.cam_out_dir, img_id + ".npz"))
+        assert a["keys"].tolist() == b["keys"].tolist()
+        for name in ("cam", "high_res"):
+            # folded BatchNorm rounds differently: maps in [0, 1] agree to a few 1e-6
+            np.testing.assert_allclose(a[name], b[name], rtol=0, atol=2e-5)
+            assert not np.array_equal(a[name], np.zeros_like(a[name]))
+
+
+def test_frozen_graph_equals_the_eager_net_at_every_size(setup):
+    info, model, args = setup
+    graph = frozen_cpu_graph(model, torch.zeros(2, 3, 64, 64))
+    assert graph is not None and not list(graph.parameters())  # weights are constants of the graph
+    with torch.inference_mode():
+        for height, width in [(64, 64), (37, 61), (100, 29)]:  # sizes the trace never saw
+            x = torch.randn(2, 3, height, width)
+            expected = model(x)
+            got = graph(x)
+            assert got.shape == expected.shape == (20, (height + 15) // 16, (width + 15) // 16)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_an_untraceable_model_runs_eagerly(capsys):
+    class CountsPixels(nn.Module):
+        def forward(self, x):
+            return int(x.numel())  # not a tensor: tracing fails
+
+    assert frozen_cpu_graph(CountsPixels(), torch.zeros(1, 3, 4, 4)) is None
+    assert "running it eagerly" in capsys.readouterr().out
 
 
 def test_missing_weights_are_a_clear_error(setup, tmp_path):
