@@ -131,9 +131,8 @@ def weights_of(args):
 _WORKER = {}
 
 
-def inference_model(args, weights, hint):
-    """The CAM net make_cam runs: on CPU with --cpu_jit, its frozen TorchScript graph (bench/make_cam.py)."""
-    model = load_classifier(args, weights, cls=CAM, hint=hint)
+def for_inference(args, model):
+    """What make_cam runs: on CPU with --cpu_jit the CAM net's frozen TorchScript graph, else the net."""
     if args.cpu_jit and torch.device(args.device).type == "cpu":
         return frozen_cpu_graph(model, torch.zeros(2, 3, 64, 64)) or model
     return model
@@ -141,7 +140,7 @@ def inference_model(args, weights, hint):
 
 def _init_worker(args, weights, hint, ids):
     torch.set_num_threads(1)
-    _WORKER["model"] = inference_model(args, weights, hint)
+    _WORKER["model"] = for_inference(args, load_classifier(args, weights, cls=CAM, hint=hint))
     _WORKER["dataset"] = VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales)
     _WORKER["out_dir"] = args.cam_out_dir
 
@@ -181,10 +180,11 @@ def run(args):
     if not todo:
         return
     # built here first so that bad weights or missing images fail at once, with a clear message
-    load_classifier(args, weights, cls=CAM, hint=hint)
+    model = load_classifier(args, weights, cls=CAM, hint=hint)
     dataset = VOC12ClassificationDatasetMSF(todo, args.voc12_root, scales=args.cam_scales)
     os.makedirs(args.cam_out_dir, exist_ok=True)
     if torch.device(args.device).type == "cpu" and args.num_workers > 1 and len(todo) > 1:
+        del model, dataset  # every process of the pool, this one too, builds its own
         _run_pool(args, weights, hint, todo)
     else:
-        _run_single(args, inference_model(args, weights, hint), dataset)
+        _run_single(args, for_inference(args, model), dataset)
