@@ -8,8 +8,9 @@ to a .pth and loaded the way make_cam loads it) and the same images (N fake VOC 
 by tests/fakevoc.py, or the first N ids of --infer_list under --voc12_root). Every run reads the images,
 computes and writes one .npz per image into a fresh folder, so a run's wall time is the whole step:
 model loading (and, with --cpu_jit true, make_cam's tracing of its frozen graph), image decoding and
-rescaling, forwards, resizes, writes (and for the CPU process pool the start of its helper processes). The literal loop follows SPEC 4.4 / 2.2 / 1.2 to the letter: for each
-image, for each scale, rescale + normalise, forward x and flip(x) separately (batch 1),
+rescaling, forwards, resizes, writes (and for the CPU process pool the start of its helper processes).
+The literal loop follows SPEC 4.4 / 2.2 / 1.2 to the letter: for each image, for each scale,
+rescale + normalise, forward x and flip(x) separately (batch 1),
 A = relu(conv2d(stage4, classifier.weight)), A_x + flip(A_flip), bilinear resize to the strided and
 strided-up sizes, sum over scales, crop, keep the label classes, divide each by its max + 1e-5.
 
