@@ -77,7 +77,8 @@ def ood_scores(model, ood_root):
         maps = raw_maps(model, read_rgb(os.path.join(ood_root, e["path"])))
         cue = read_cue_mask(os.path.join(ood_root, e["cue_mask"]))
         cue_means.append(maps[k][cue == k + 1].mean())
-        probs.append(1 / (1 + np.exp(-maps[k].mean())))   # GAP then the linear classifier = mean of the map
+        # GAP then the linear classifier = the mean of the class map (here of its resized copy: close)
+        probs.append(1 / (1 + np.exp(-maps[k].mean())))
     return np.array(cue_means), np.array(probs)
 
 

@@ -56,7 +56,8 @@ def label_edge_boundary(label_map, strided_shape, stride=FEATURE_STRIDE):
 
 def main(argv=None):
     args = run_sample.parse_args(argv if argv is not None else sys.argv[1:])
-    torch.set_num_threads(max(1, args.cpu_threads or torch.get_num_threads()))
+    if args.cpu_threads:  # as the driver does
+        torch.set_num_threads(args.cpu_threads)
     ids = load_img_name_list(args.voc12_root, args.infer_list)
     model = load_edge_displacement(args)
     dataset = VOC12ClassificationDatasetMSF(ids, voc12_root=args.voc12_root, scales=(1.0,))

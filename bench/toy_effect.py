@@ -4,7 +4,7 @@
                                [-- extra run_sample flags]
 
 The backbone weights are the preset's ToyNet pre-training (misc/toynet.py), made once into
-<bench_dir>/toynet_w16.pth and shared by the seeds, as ImageNet weights are shared by real experiments
+<bench_dir>/toynet_w<width>.pth and shared by the seeds, as ImageNet weights are shared by real experiments
 (pass `-- --pretrained FILE` to use another file, or `-- --pretrained none` to train from scratch).
 For each seed: generate ToyVOC (misc.toyvoc, that seed) into <bench_dir>/seed<s>/, then run the CAM stage
 through run_sample.py with the toy preset and that seed: train_cam -> make_cam + eval_cam from the ID
@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import run_sample  # noqa: E402
 from bench.cue_mass import measure  # noqa: E402
 
 
@@ -88,12 +89,13 @@ def main():
     p.add_argument("--data_args", default="", help="extra misc.toyvoc flags, e.g. '--class_colour_prob 0.5'")
     a = p.parse_args(argv)
     if "--pretrained" not in extra:
-        toynet = os.path.abspath(os.path.join(a.bench_dir, "toynet_w16.pth"))
+        toy = run_sample.parse_args(["--preset", "toy"] + extra)   # width and threads as the runs use them
+        toynet = os.path.abspath(os.path.join(a.bench_dir, f"toynet_w{toy.backbone_width}.pth"))
         if not os.path.isfile(toynet):
             os.makedirs(a.bench_dir, exist_ok=True)
             start = time.time()
-            sh([sys.executable, "-m", "misc.toynet", "--out", toynet, "--width", "16", "--threads", "1"],
-               os.path.join(a.bench_dir, "toynet_log.txt"))
+            sh([sys.executable, "-m", "misc.toynet", "--out", toynet, "--width", str(toy.backbone_width),
+                "--threads", str(toy.cpu_threads)], os.path.join(a.bench_dir, "toynet_log.txt"))
             print(f"ToyNet pre-training: {time.time() - start:.0f} s -> {toynet}", flush=True)
         extra = ["--pretrained", toynet] + extra
     diffs = []

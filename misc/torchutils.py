@@ -6,6 +6,8 @@ group runs with momentum = weight decay (1e-4), and each group's own "weight_dec
 real decay. We reproduce that by default; `momentum=` (the driver's --real_momentum) sets a real
 momentum instead (README "Deviations").
 """
+import warnings
+
 import torch
 
 POLY_POWER = 0.9
@@ -105,7 +107,6 @@ def frozen_cpu_graph(model, example):
     deprecated upstream); the caller then keeps the eager model. Sizes are not fixed by the trace:
     every image size runs through the same graph.
     """
-    import warnings
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notes, once per process
