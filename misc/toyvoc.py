@@ -15,8 +15,9 @@ Three "distractor" classes (chair, person, tvmonitor) have no cue and stand on g
 (bricks, tiles, blotches, stripes in saturated warm colours). An image holds one class, or a top
 cue class plus a bottom (cue or distractor) class; with `swap_prob` the two regions trade places
 (sky below), so that where the stuff sits is no evidence. A region without a cue class shows generic
-stuff, so a cue never appears without its class. A one-class image always shows its cue; an image with
-two cue classes shows only one of its two cues with `cue_drop_prob` (by default a cue is with its class
+stuff, so a cue never appears without its class (unless `--foreign_cue_prob`, off by default: then such
+a region may show the cue of an absent class). A one-class image always shows its cue; an image with two
+cue classes shows only one of its two cues with `cue_drop_prob` (by default a cue is with its class
 about 94 % of the time). Cues have fixed colour ranges and textures and cover about half the image;
 objects have class-specific silhouettes but random colours and patterns, so the cue is the easier
 evidence: a classifier trained on train_aug fires on cue-only images and puts much of its CAM on cues.
@@ -461,7 +462,8 @@ def place_object(rng, h, w, cls, y0, y1):
 def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_objects, void_width,
                class_colour_prob=0.0, stuff=None):
     """One image whose top / bottom region belongs to `top_class` / `bottom_class` (None: generic
-    stuff; a class whose cue flag is False also gets generic stuff). Returns rgb uint8 (h, w, 3),
+    stuff; a class whose cue flag is False also gets generic stuff; a cue flag naming a cue class paints
+    that class's cue, a foreign one). Returns rgb uint8 (h, w, 3),
     label (h, w) uint8 with the void band, cue map (h, w) uint8 and [(class name, visible mask)].
 
     `stuff` = (top kind, bottom kind), each a key of CUE_PAINTERS or "generic", paints the regions
@@ -489,9 +491,10 @@ def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_obj
         if stuff is not None:
             painter = CUE_PAINTERS.get(stuff[index], paint_generic)
             img[region] = painter(rng, h, w, anchors[key])[region]
-        elif cls in CUE_OF and cue:
-            img[region] = CUE_PAINTERS[CUE_OF[cls]](rng, h, w, anchors[key])[region]
-            cue_map[region] = CAT_LIST.index(cls) + 1
+        elif isinstance(cue, str) or (cls in CUE_OF and cue):
+            cue_class = cue if isinstance(cue, str) else cls   # a foreign cue, or the class's own
+            img[region] = CUE_PAINTERS[CUE_OF[cue_class]](rng, h, w, anchors[key])[region]
+            cue_map[region] = CAT_LIST.index(cue_class) + 1
         else:
             img[region] = paint_generic(rng, h, w)[region]
 
@@ -539,8 +542,10 @@ def image_size(rng, long_min, long_max, portrait_prob=0.2):
     return (long_side, short_side) if rng.random() < portrait_prob else (short_side, long_side)
 
 
-def plan_id_images(seed, n, two_class_prob, cue_drop_prob, swap_prob):
-    """For each ID image: (top-region class or None, bottom-region class or None, top cue?, bottom cue?).
+def plan_id_images(seed, n, two_class_prob, cue_drop_prob, swap_prob, foreign_cue_prob=0.0):
+    """For each ID image: (top-region class or None, bottom-region class or None, top cue, bottom cue).
+    A cue entry is True (the region shows its class's cue), False (generic stuff) or the name of a cue
+    class that is not in the image (the region shows that class's cue: a "foreign" cue).
 
     The first class cycles through the nine classes in a shuffled order so that every split holds
     every class; with `two_class_prob` the other region gets a class too (a cue class: a top class
@@ -551,7 +556,10 @@ def plan_id_images(seed, n, two_class_prob, cue_drop_prob, swap_prob):
     were they labelled with cue classes, the classifier would learn "no cue -> some cue class" and
     fire on the easy OoD candidates. Classes sit in their natural region (sky on top, water below)
     except that with `swap_prob` the two regions trade places: otherwise "generic stuff below" would
-    itself be evidence of a top class.
+    itself be evidence of a top class. With `foreign_cue_prob`, each region that would show generic stuff
+    shows instead the cue of a cue class of that region (top: sky, tree; bottom: water, road, grass,
+    rails) that is not in the image: a person on grass, a chair under a sky. At 0 (the default) no draw
+    is made, so the plans are those of earlier versions.
     """
     rng = np.random.default_rng([seed, STREAM_PLAN])
     plans = []
@@ -573,6 +581,12 @@ def plan_id_images(seed, n, two_class_prob, cue_drop_prob, swap_prob):
                 top_cue = False
             else:
                 bottom_cue = False
+        if foreign_cue_prob > 0:
+            present = {top, bottom}
+            if not (top in CUE_CLASSES and top_cue) and rng.random() < foreign_cue_prob:
+                top_cue = str(rng.choice([c for c in TOP_CLASSES if c not in present]))
+            if not (bottom in CUE_CLASSES and bottom_cue) and rng.random() < foreign_cue_prob:
+                bottom_cue = str(rng.choice([c for c in BOTTOM_CLASSES if c not in present]))
         if rng.random() < swap_prob:
             top, bottom, top_cue, bottom_cue = bottom, top, bottom_cue, top_cue
         plans.append((top, bottom, top_cue, bottom_cue))
@@ -701,9 +715,9 @@ def validate(args):
     if not 32 <= args.long_min <= args.long_max:
         raise InputError(f"need 32 <= --long_min <= --long_max, got {args.long_min}, {args.long_max}")
     if not all(0 <= p <= 1 for p in (args.cue_drop_prob, args.two_class_prob, args.swap_prob,
-                                     args.class_colour_prob)):
-        raise InputError("--cue_drop_prob, --two_class_prob, --swap_prob and --class_colour_prob are "
-                         "probabilities in [0, 1]")
+                                     args.class_colour_prob, args.foreign_cue_prob)):
+        raise InputError("--cue_drop_prob, --two_class_prob, --swap_prob, --class_colour_prob and "
+                         "--foreign_cue_prob are probabilities in [0, 1]")
     if args.n_ood_hard < 0 or args.n_ood_easy < 0:
         raise InputError("--n_ood_hard and --n_ood_easy must be >= 0")
 
@@ -711,9 +725,11 @@ def validate(args):
 def write_id_set(args):
     ids, train_aug, train, val = split_ids(args)
     evaluated = set(train) | set(val)
-    plans = plan_id_images(args.seed, len(ids), args.two_class_prob, args.cue_drop_prob, args.swap_prob)
+    plans = plan_id_images(args.seed, len(ids), args.two_class_prob, args.cue_drop_prob, args.swap_prob,
+                           args.foreign_cue_prob)
     palette = palette_voc()
-    counts = {c: {"images": 0, "with_cue": 0} for c in TOY_CLASSES}   # distractors: never a cue
+    # distractors never have a cue; foreign_cue: images showing the class's cue without the class
+    counts = {c: {"images": 0, "with_cue": 0, "foreign_cue": 0} for c in TOY_CLASSES}
     out = args.out
     for index, (img_id, plan) in enumerate(zip(ids, plans)):
         rgb, label, cue, objects = draw_id_image(args.seed, index, plan, args)
@@ -728,7 +744,10 @@ def write_id_set(args):
         for cls, has_cue in ((top, top_cue), (bottom, bottom_cue)):
             if cls is not None:
                 counts[cls]["images"] += 1
-                counts[cls]["with_cue"] += int(has_cue and cls in CUE_OF)
+                counts[cls]["with_cue"] += int(has_cue is True and cls in CUE_OF)
+        for has_cue in (top_cue, bottom_cue):
+            if isinstance(has_cue, str):
+                counts[has_cue]["foreign_cue"] += 1
     lists = os.path.join(out, "ImageSets", "Segmentation")
     for name, members in (("train", train), ("val", val), ("trainval", train + val)):
         save_text(os.path.join(lists, name + ".txt"), "".join(i + "\n" for i in members))
@@ -766,7 +785,7 @@ def parameters(args):
     return {k: getattr(args, k) for k in ("seed", "n_train_aug", "n_train", "n_val", "n_ood_hard",
                                           "n_ood_easy", "long_min", "long_max", "cue_drop_prob",
                                           "two_class_prob", "swap_prob", "void_width", "gray_every",
-                                          "class_colour_prob")}
+                                          "class_colour_prob", "foreign_cue_prob")}
 
 
 def run(args):
@@ -805,6 +824,8 @@ def parse_args(argv=None):
                    help="P(top and bottom regions trade places), so that stuff position is no evidence")
     p.add_argument("--class_colour_prob", type=float, default=0.0,
                    help="P(an object's body takes its class's own hue instead of a random colour)")
+    p.add_argument("--foreign_cue_prob", type=float, default=0.0,
+                   help="P(a region that would show generic stuff shows the cue of an absent class)")
     p.add_argument("--void_width", type=int, default=1, help="void pixels on each side of an outline")
     p.add_argument("--gray_every", type=int, default=8, help="every n-th easy candidate is grayscale")
     return p.parse_args(argv)

@@ -286,3 +286,29 @@ def test_class_colour_prob_gives_the_class_hue_and_zero_changes_nothing():
     args = toyvoc.parse_args(["--class_colour_prob", "1.5"])
     with pytest.raises(InputError, match="class_colour_prob"):
         toyvoc.validate(args)
+
+
+def test_foreign_cue_prob_puts_absent_classes_cues_where_generic_stuff_was():
+    kwargs = dict(seed=3, n=600, two_class_prob=0.3, cue_drop_prob=0.4, swap_prob=0.0)
+    assert toyvoc.plan_id_images(**kwargs, foreign_cue_prob=0.0) == toyvoc.plan_id_images(**kwargs)
+    generic_regions = foreign = 0
+    for t, b, tc, bc in toyvoc.plan_id_images(**kwargs, foreign_cue_prob=0.5):
+        for cls, cue, region_classes in ((t, tc, toyvoc.TOP_CLASSES), (b, bc, toyvoc.BOTTOM_CLASSES)):
+            if cls in toyvoc.CUE_CLASSES and cue is True:   # a region showing its own cue keeps it
+                continue
+            generic_regions += 1
+            if isinstance(cue, str):   # the cue of a class of that region that is not in the image
+                assert cue in region_classes and cue not in (t, b)
+                foreign += 1
+            else:
+                assert cue in (True, False)
+    assert 0.4 < foreign / generic_regions < 0.6
+    # drawn: the region shows the foreign class's cue, the label holds only the image's own class
+    rng = np.random.default_rng(0)
+    rgb, label, cue, objects = toyvoc.draw_scene(rng, 72, 96, "aeroplane", "person", True, "cow", True, 1)
+    assert [c for c, _ in objects] == ["person", "aeroplane"]
+    cow, plane = toyvoc.CAT_LIST.index("cow") + 1, toyvoc.CAT_LIST.index("aeroplane") + 1
+    assert set(np.unique(cue).tolist()) == {0, cow, plane} and (cue == cow).mean() > 0.2
+    assert set(np.unique(label).tolist()) <= {0, 255, plane, toyvoc.CAT_LIST.index("person") + 1}
+    with pytest.raises(InputError, match="foreign_cue_prob"):
+        toyvoc.validate(toyvoc.parse_args(["--foreign_cue_prob", "-0.1"]))
