@@ -2,7 +2,9 @@
 
 The calling process works too: it starts at once, while the helpers spawn and import torch (about
 1 s each on the 2-core test machine, a sixth of a toy make_cam). Every process takes the next
-unclaimed item from a shared counter, so all finish within one item of each other.
+unclaimed item from a shared counter, so all finish within one item of each other. Each process builds
+its own state once (`setup`: a model, a dataset); this module keeps it, so a step needs no module-level
+state of its own and the caller's copy is freed when the pool ends.
 """
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -10,45 +12,45 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 from tqdm import tqdm
 
-_HELPER = {}  # the shared counters of a helper process (set by _init_helper)
+_HELPER = {}  # a helper process's shared counters and its state (set by _init_helper)
 
 
-def _drain(work_item, n_items, next_item, done, after_item=None):
-    """Claim item indices from the shared counter `next_item` and work them until none is left."""
+def _drain(work_item, state, n_items, next_item, done, after_item=None):
+    """Claim item indices from the shared counter `next_item` and call `work_item(state, index)` on them
+    until none is left."""
     while True:
         with next_item.get_lock():
             index = next_item.value
             next_item.value = index + 1
         if index >= n_items:
             return
-        work_item(index)
+        work_item(state, index)
         with done.get_lock():
             done.value += 1
         if after_item is not None:
             after_item()
 
 
-def _init_helper(next_item, done, initializer, initargs):
-    _HELPER.update(next_item=next_item, done=done)
-    initializer(*initargs)
+def _init_helper(next_item, done, setup, setup_args):
+    _HELPER.update(next_item=next_item, done=done, state=setup(*setup_args))
 
 
 def _helper(work_item, n_items):
-    _drain(work_item, n_items, _HELPER["next_item"], _HELPER["done"])
+    _drain(work_item, _HELPER["state"], n_items, _HELPER["next_item"], _HELPER["done"])
 
 
-def run_in_processes(n_items, n_proc, initializer, initargs, work_item, desc):
-    """Call `work_item(index)` for every index of range(n_items), in this process and `n_proc - 1`
-    helpers. Each process, this one included, is set up once by `initializer(*initargs)`; both must
-    be module-level functions (picklable). This process's torch thread count is restored afterwards
-    (initializers set one thread per process)."""
+def run_in_processes(n_items, n_proc, setup, setup_args, work_item, desc):
+    """Call `work_item(state, index)` for every index of range(n_items), in this process and
+    `n_proc - 1` helpers, where `state = setup(*setup_args)` is built once per process, this one
+    included; both must be module-level functions (picklable). This process's torch thread count is
+    restored afterwards (setups set one thread per process)."""
     n_proc = max(1, min(n_proc, n_items))
     # spawn: a forked child of a process that already ran OpenMP/torch threads can deadlock
     context = multiprocessing.get_context("spawn")
     next_item, done = context.Value("i", 0), context.Value("i", 0)
     threads = torch.get_num_threads()
     pool = (ProcessPoolExecutor(n_proc - 1, mp_context=context, initializer=_init_helper,
-                                initargs=(next_item, done, initializer, initargs)) if n_proc > 1 else None)
+                                initargs=(next_item, done, setup, setup_args)) if n_proc > 1 else None)
     helpers = [pool.submit(_helper, work_item, n_items) for _ in range(n_proc - 1)] if pool else []
 
     def after_item():
@@ -58,8 +60,7 @@ def run_in_processes(n_items, n_proc, initializer, initargs, work_item, desc):
 
     try:
         with tqdm(total=n_items, desc=desc, unit="img") as bar:
-            initializer(*initargs)
-            _drain(work_item, n_items, next_item, done, after_item)
+            _drain(work_item, setup(*setup_args), n_items, next_item, done, after_item)
             for helper in helpers:
                 helper.result()
             bar.update(done.value - bar.n)

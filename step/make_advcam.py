@@ -174,26 +174,20 @@ def _write_pack(model, pack, args):
     save_npz(advcam_path(args.advcam_out_dir, pack["name"]), **arrays)
 
 
-_WORKER = {}  # per-process state of the CPU pool
-
-
-def _init_worker(args, weights, hint, ids):
+def _setup_worker(args, weights, hint, ids):
+    """The state of one pool process: its attacked net, dataset and the step's arguments."""
     torch.set_num_threads(1)
-    _WORKER["model"] = load_attacked_model(args, weights, hint)
-    _WORKER["dataset"] = VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales)
-    _WORKER["args"] = args
+    return dict(model=load_attacked_model(args, weights, hint),
+                dataset=VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales), args=args)
 
 
-def _work_item(index):
-    _write_pack(_WORKER["model"], _WORKER["dataset"][index], _WORKER["args"])
+def _work_item(state, index):
+    _write_pack(state["model"], state["dataset"][index], state["args"])
 
 
 def _run_pool(args, weights, hint, ids):
-    try:
-        run_in_processes(len(ids), args.num_workers, _init_worker, (args, weights, hint, ids), _work_item,
-                         "make_advcam")
-    finally:
-        _WORKER.clear()  # this process worked in the pool too
+    run_in_processes(len(ids), args.num_workers, _setup_worker, (args, weights, hint, ids), _work_item,
+                     "make_advcam")
 
 
 def _run_single(args, model, dataset):

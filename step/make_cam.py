@@ -127,10 +127,6 @@ def weights_of(args):
     return args.wood_weights_name, "run train_wood (--train_wood_pass true) first, or use --make_cam_from id"
 
 
-# per-process state of the CPU pool (set once by _init_worker)
-_WORKER = {}
-
-
 def for_inference(args, model):
     """What make_cam runs: on CPU with --cpu_jit the CAM net's frozen TorchScript graph, else the net."""
     if args.cpu_jit and torch.device(args.device).type == "cpu":
@@ -138,24 +134,22 @@ def for_inference(args, model):
     return model
 
 
-def _init_worker(args, weights, hint, ids):
+def _setup_worker(args, weights, hint, ids):
+    """The state of one pool process: its net (or frozen graph), dataset and output folder."""
     torch.set_num_threads(1)
-    _WORKER["model"] = for_inference(args, load_classifier(args, weights, cls=CAM, hint=hint))
-    _WORKER["dataset"] = VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales)
-    _WORKER["out_dir"] = args.cam_out_dir
+    return dict(model=for_inference(args, load_classifier(args, weights, cls=CAM, hint=hint)),
+                dataset=VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales),
+                out_dir=args.cam_out_dir)
 
 
-def _work_item(index):
+def _work_item(state, index):
     with torch.inference_mode():
-        _write_pack(_WORKER["model"], _WORKER["dataset"][index], _WORKER["out_dir"], torch.device("cpu"))
+        _write_pack(state["model"], state["dataset"][index], state["out_dir"], torch.device("cpu"))
 
 
 def _run_pool(args, weights, hint, ids):
-    try:
-        run_in_processes(len(ids), args.num_workers, _init_worker, (args, weights, hint, ids), _work_item,
-                         "make_cam")
-    finally:
-        _WORKER.clear()  # this process worked in the pool too
+    run_in_processes(len(ids), args.num_workers, _setup_worker, (args, weights, hint, ids), _work_item,
+                     "make_cam")
 
 
 def _run_single(args, model, dataset):

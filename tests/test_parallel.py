@@ -6,19 +6,16 @@ import torch
 
 from misc.parallel import run_in_processes
 
-_STATE = {}
-
-
 def _init(out_dir, fail_at):
     torch.set_num_threads(1)
-    _STATE.update(out_dir=out_dir, fail_at=fail_at)
+    return dict(out_dir=out_dir, fail_at=fail_at)
 
 
-def _work(index):
-    if index == _STATE["fail_at"]:
+def _work(state, index):
+    if index == state["fail_at"]:
         raise ValueError(f"item {index} is bad")
     time.sleep(0.05)
-    path = os.path.join(_STATE["out_dir"], f"{index}.txt")
+    path = os.path.join(state["out_dir"], f"{index}.txt")
     with open(path, "x") as f:  # "x": a second call for the same item would fail
         f.write(str(os.getpid()))
 
@@ -28,7 +25,7 @@ def test_every_item_once_and_the_caller_works_too(tmp_path):
     torch.set_num_threads(2)
     try:
         run_in_processes(24, 2, _init, (str(tmp_path), None), _work, "test")
-        assert torch.get_num_threads() == 2  # the initializer's one thread is undone in the caller
+        assert torch.get_num_threads() == 2  # the setup's one thread is undone in the caller
     finally:
         torch.set_num_threads(threads)
     assert sorted(os.listdir(tmp_path)) == sorted(f"{i}.txt" for i in range(24))
