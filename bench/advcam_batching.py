@@ -12,6 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import run_sample  # noqa: E402
 from net.resnet50_cam import Net  # noqa: E402
 from step.make_advcam import advcam_regions  # noqa: E402
 
@@ -39,6 +40,7 @@ def main():
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    run_sample.set_precision(False)  # as the driver does (no TF32 on CUDA)
     device = torch.device(a.device)
     torch.manual_seed(0)
     model = Net(width=a.width).to(device).eval()

@@ -196,6 +196,7 @@ def main():
     p.add_argument("--keep", default=None, help="keep the work folder here (default: a deleted temp folder)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    run_sample.set_precision(False)  # as the driver does: cuDNN's TF32 default shifts CUDA CAMs by ~1e-3
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible to torch")

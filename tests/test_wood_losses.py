@@ -222,8 +222,8 @@ def wood_setup(tmp_path):
         "--ood_list", str(tmp_path / "ood_list.txt"), "--wood_batch_size", "1", "--ood_batch_size", "2",
         "--wood_num_epoches", "1", "--wood_learning_rate", "0.001", "--cluster_K", "3",
         "--cam_resize_long", "48", "64", "--cam_crop_size", "64", "--ood_long_side", "64",
-        "--select_scales", "1.0", "0.5", "--select_eval_thres", "0.1", "0.3", "--select_every", "1"])
-    args.wood_weights_name = str(tmp_path / "wood.pth")  # no --wood_weights_name flag in the driver yet
+        "--select_scales", "1.0", "0.5", "--select_eval_thres", "0.1", "0.3", "--select_every", "1",
+        "--wood_weights_name", str(tmp_path / "wood.pth")])
     return args
 
 
