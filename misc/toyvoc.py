@@ -16,7 +16,8 @@ Three "distractor" classes (chair, person, tvmonitor) have no cue and stand on g
 cue class plus a bottom (cue or distractor) class; with `swap_prob` the two regions trade places
 (sky below), so that where the stuff sits is no evidence. A region without a cue class shows generic
 stuff, so a cue never appears without its class (unless `--foreign_cue_prob`, off by default: then such
-a region may show the cue of an absent class). A one-class image always shows its cue; an image with two
+a region may show the cue of an absent class). With `--cue_reach` (off by default) a cue shows only near an object,
+as rails under a train, and generic stuff fills the rest of its region. A one-class image always shows its cue; an image with two
 cue classes shows only one of its two cues with `cue_drop_prob` (by default a cue is with its class
 about 94 % of the time). Cues have fixed colour ranges and textures and cover about half the image;
 objects have class-specific silhouettes but random colours and patterns, so the cue is the easier
@@ -460,14 +461,16 @@ def place_object(rng, h, w, cls, y0, y1):
 
 
 def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_objects, void_width,
-               class_colour_prob=0.0, stuff=None):
+               class_colour_prob=0.0, stuff=None, cue_reach=0.0):
     """One image whose top / bottom region belongs to `top_class` / `bottom_class` (None: generic
     stuff; a class whose cue flag is False also gets generic stuff; a cue flag naming a cue class paints
     that class's cue, a foreign one). Returns rgb uint8 (h, w, 3),
     label (h, w) uint8 with the void band, cue map (h, w) uint8 and [(class name, visible mask)].
 
     `stuff` = (top kind, bottom kind), each a key of CUE_PAINTERS or "generic", paints the regions
-    whatever their classes (misc/toynet.py: objects on unrelated backgrounds); the cue map is then 0."""
+    whatever their classes (misc/toynet.py: objects on unrelated backgrounds); the cue map is then 0.
+    `cue_reach` > 0 keeps a cue only within that fraction of the long side from an object (where the object
+    is, or would be in an image without objects); farther cue pixels show generic stuff."""
     # a top region holding a standing or perching object, or a bottom one holding a bird, needs room
     room_top = top_class is not None and top_class != "aeroplane"
     room_bottom = bottom_class == "bird"
@@ -508,6 +511,13 @@ def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_obj
             owner[mask] = index
         for index, (cls, *_unused) in enumerate(placed):
             objects.append((cls, owner == index))
+    if cue_reach > 0:   # no extra draw at 0: same bytes
+        near = [m for _, m in objects] or [render_object(rng, OBJECT_PARTS[cls](rng), h, w, cx, cy, length,
+                                                         False, angle)[0]
+                                           for cls, cx, cy, length, angle in placed]
+        far_cue = (cue_map > 0) & (distance_from(near, (h, w)) > cue_reach * max(h, w))
+        img[far_cue] = paint_generic(rng, h, w)[far_cue]
+        cue_map[far_cue] = 0
     label = np.zeros((h, w), np.uint8)
     for cls, mask in objects:
         label[mask] = CAT_LIST.index(cls) + 1
@@ -516,6 +526,13 @@ def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_obj
 
     img += rng.normal(0, PIXEL_NOISE_STD, img.shape).astype(np.float32)
     return np.clip(np.round(img), 0, 255).astype(np.uint8), label, cue_map, objects
+
+
+def distance_from(masks, shape):
+    """Euclidean distance (pixels) of every pixel to the nearest pixel of any mask (inf without one)."""
+    if not masks or not np.any(masks):
+        return np.full(shape, np.inf)
+    return ndimage.distance_transform_edt(~np.any(masks, axis=0))
 
 
 def void_band(masks, half_width):
@@ -608,7 +625,7 @@ def draw_id_image(seed, index, plan, args):
     rng = np.random.default_rng([seed, STREAM_ID, index])
     h, w = image_size(rng, args.long_min, args.long_max)
     return draw_visible_scene(rng, h, w, top, bottom, top_cue, bottom_cue, True, args.void_width,
-                              args.class_colour_prob)
+                              args.class_colour_prob, cue_reach=args.cue_reach)
 
 
 def draw_ood_image(seed, index, cue_class, args):
@@ -620,7 +637,8 @@ def draw_ood_image(seed, index, cue_class, args):
     bottom = cue_class if cue_class in BOTTOM_CLASSES else None
     if rng.random() < args.swap_prob:
         top, bottom = bottom, top
-    rgb, _, cue, _ = draw_scene(rng, h, w, top, bottom, True, True, False, args.void_width)
+    rgb, _, cue, _ = draw_scene(rng, h, w, top, bottom, True, True, False, args.void_width,
+                                cue_reach=args.cue_reach)
     return rgb, cue
 
 
@@ -714,6 +732,8 @@ def validate(args):
                          f"got {args.n_train}")
     if not 32 <= args.long_min <= args.long_max:
         raise InputError(f"need 32 <= --long_min <= --long_max, got {args.long_min}, {args.long_max}")
+    if args.cue_reach < 0:
+        raise InputError(f"--cue_reach must be at least 0, got {args.cue_reach}")
     if not all(0 <= p <= 1 for p in (args.cue_drop_prob, args.two_class_prob, args.swap_prob,
                                      args.class_colour_prob, args.foreign_cue_prob)):
         raise InputError("--cue_drop_prob, --two_class_prob, --swap_prob, --class_colour_prob and "
@@ -785,7 +805,7 @@ def parameters(args):
     return {k: getattr(args, k) for k in ("seed", "n_train_aug", "n_train", "n_val", "n_ood_hard",
                                           "n_ood_easy", "long_min", "long_max", "cue_drop_prob",
                                           "two_class_prob", "swap_prob", "void_width", "gray_every",
-                                          "class_colour_prob", "foreign_cue_prob")}
+                                          "class_colour_prob", "foreign_cue_prob", "cue_reach")}
 
 
 def run(args):
@@ -826,6 +846,9 @@ def parse_args(argv=None):
                    help="P(an object's body takes its class's own hue instead of a random colour)")
     p.add_argument("--foreign_cue_prob", type=float, default=0.0,
                    help="P(a region that would show generic stuff shows the cue of an absent class)")
+    p.add_argument("--cue_reach", type=float, default=0.0,
+                   help="a cue shows only within this fraction of the long side from an object (in a hard OoD "
+                        "image: from where its object would be), generic stuff beyond; 0: the whole region")
     p.add_argument("--void_width", type=int, default=1, help="void pixels on each side of an outline")
     p.add_argument("--gray_every", type=int, default=8, help="every n-th easy candidate is grayscale")
     return p.parse_args(argv)

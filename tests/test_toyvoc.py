@@ -312,3 +312,25 @@ def test_foreign_cue_prob_puts_absent_classes_cues_where_generic_stuff_was():
     assert set(np.unique(label).tolist()) <= {0, 255, plane, toyvoc.CAT_LIST.index("person") + 1}
     with pytest.raises(InputError, match="foreign_cue_prob"):
         toyvoc.validate(toyvoc.parse_args(["--foreign_cue_prob", "-0.1"]))
+
+
+def test_cue_reach_keeps_the_cue_near_objects_and_zero_changes_nothing():
+    from scipy import ndimage
+    args = ("aeroplane", "cow", True, True, True, 1)
+    full = toyvoc.draw_scene(np.random.default_rng(5), 96, 128, *args)
+    same = toyvoc.draw_scene(np.random.default_rng(5), 96, 128, *args, cue_reach=0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(full[:3], same[:3]))
+    rgb, label, cue, objects = toyvoc.draw_scene(np.random.default_rng(5), 96, 128, *args, cue_reach=0.1)
+    assert np.array_equal(label, full[1])   # the same objects at the same places
+    distance = ndimage.distance_transform_edt(~np.any([m for _, m in objects], axis=0))
+    assert (cue > 0).any() and distance[cue > 0].max() <= 0.1 * 128
+    assert np.array_equal(cue[distance <= 12.8], full[2][distance <= 12.8])   # near: the cue as before
+    assert (full[2] > 0).sum() > 1.5 * (cue > 0).sum()
+    far = (full[2] > 0) & (cue == 0)
+    assert not np.array_equal(rgb[far], full[0][far])   # the far part of the cue region repainted
+    # a hard OoD image: the cue where its object would be, nothing far from it
+    rgb, label, cue, objects = toyvoc.draw_scene(np.random.default_rng(5), 96, 128, None, "cow", True, True,
+                                                 False, 1, cue_reach=0.1)
+    assert objects == [] and (label == 0).all() and 0 < (cue > 0).mean() < 0.5
+    with pytest.raises(InputError, match="cue_reach"):
+        toyvoc.validate(toyvoc.parse_args(["--cue_reach", "-0.1"]))
