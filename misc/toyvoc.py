@@ -16,10 +16,10 @@ Three "distractor" classes (chair, person, tvmonitor) have no cue and stand on g
 cue class plus a bottom (cue or distractor) class; with `swap_prob` the two regions trade places
 (sky below), so that where the stuff sits is no evidence. A region without a cue class shows generic
 stuff, so a cue never appears without its class (unless `--foreign_cue_prob`, off by default: then such
-a region may show the cue of an absent class). With `--cue_reach` (off by default) a cue shows only near an object,
-as rails under a train, and generic stuff fills the rest of its region. A one-class image always shows its cue; an image with two
-cue classes shows only one of its two cues with `cue_drop_prob` (by default a cue is with its class
-about 94 % of the time). Cues have fixed colour ranges and textures and cover about half the image;
+a region may show the cue of an absent class). With `--cue_reach` (off by default) a cue shows only near
+an object, as rails under a train, and generic stuff fills the rest of its region. A one-class image
+always shows its cue; an image with two cue classes shows only one of its two cues with `cue_drop_prob`
+(by default a cue is with its class about 94 % of the time). Cues have fixed colour ranges and textures and cover about half the image;
 objects have class-specific silhouettes but random colours and patterns, so the cue is the easier
 evidence: a classifier trained on train_aug fires on cue-only images and puts much of its CAM on cues.
 
