@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, on a machine with CUDA (ToyVOC and the ToyNet weights are made if missing):
+# The GPU checks in one go, on a machine with CUDA:
 #   1. tests/test_cuda.py: the tiny toy pipeline on the GPU, and make_cam / AdvCAM / random walk on the CPU
 #      equal to the GPU's outputs;
-#   2. bench/make_cam.py --device cuda on ToyVOC's 120 train images (width 16) and on 40 VOC-sized
-#      375x500 images with the real ResNet-50 width (64);
-#   3. the whole toy run on the GPU (its own work_dir and weights, so the CPU run's results stay).
+#   2. the whole toy run on the GPU (its own work_dir and weights, so the CPU run's results stay; ToyVOC
+#      and the ToyNet weights are made if missing, as bash_run_sample.sh --toy does);
+#   3. bench/make_cam.py --device cuda on ToyVOC's 120 train images (width 16) and on 40 VOC-sized
+#      375x500 images with the real ResNet-50 width (64).
 # Logs and the run's report go to $OUT (default result/gpu_check). Extra arguments go to the toy run.
 #   bash bench/gpu.sh [--num_workers 8]
 set -uo pipefail
@@ -19,12 +20,6 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_na
 
 timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$DEST/test_cuda.log"
 
-{
-  timeout 150 $PY bench/make_cam.py --device cuda --voc12_root Data/ToyVOC --infer_list train --n 120 \
-    --width 16 --num_workers 0 4 --repeats 3
-  timeout 150 $PY bench/make_cam.py --device cuda --size 375 500 --n 40 --width 64 --num_workers 0 4 --repeats 3
-} 2>&1 | tee "$DEST/bench_make_cam.log"
-
 start=$(date +%s)
 PYTHON=$PY bash bash_run_sample.sh --toy --device cuda --work_dir result/toy_cuda \
   --cam_weights_name sess/toy_cuda/res50_cam.pth --wood_weights_name sess/toy_cuda/res50_wood.pth \
@@ -32,3 +27,9 @@ PYTHON=$PY bash bash_run_sample.sh --toy --device cuda --work_dir result/toy_cud
 echo "toy run on cuda: rc $?, $(( $(date +%s) - start )) s" | tee -a "$DEST/toy_run.log"
 grep -E "^== stage|^== step .* done in|mIoU" "$DEST/toy_run.log" | tail -40
 cp result/toy_cuda/summary.md result/toy_cuda/summary.json result/toy_cuda/samples.png "$DEST"/ 2>/dev/null
+
+{
+  timeout 150 $PY bench/make_cam.py --device cuda --voc12_root Data/ToyVOC --infer_list train --n 120 \
+    --width 16 --num_workers 0 4 --repeats 3
+  timeout 150 $PY bench/make_cam.py --device cuda --size 375 500 --n 40 --width 64 --num_workers 0 4 --repeats 3
+} 2>&1 | tee "$DEST/bench_make_cam.log"
