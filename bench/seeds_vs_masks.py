@@ -63,21 +63,22 @@ def main():
     masks = {i: prediction_as_label(read_index_png(os.path.join(a.mask_dir, i + ".png"), "a pseudo mask"))
              for i in ids}
 
-    def score_masks(void_cues):
-        gts = [cue_void(gt, cues[i]) if void_cues else gt for i, (_, _, gt) in zip(ids, items)]
+    void_gts = [cue_void(gt, cues[i]) for i, (_, _, gt) in zip(ids, items)]
+
+    def score_masks(gts):
         return scores(confusion_matrix([masks[i] for i in ids], gts))["miou"] * 100
 
     t_seed, seed_scores = best_threshold(sweep_thresholds(items, thresholds))
     t_void, void_scores = best_threshold(sweep_thresholds(
-        ((h, k, cue_void(gt, cues[i])) for i, (h, k, gt) in zip(ids, items)), thresholds))
+        ((h, k, gt) for (h, k, _), gt in zip(items, void_gts)), thresholds))
     counts = np.zeros((2, len(KINDS), 2), np.int64)
     for i, (high_res, keys, gt) in zip(ids, items):
         (seed_label,) = labels_for_thresholds(high_res, keys, [t_seed])
         counts[0] += labelled_as_class(seed_label, gt, cues[i], keys)
         counts[1] += labelled_as_class(masks[i], gt, cues[i], keys)
 
-    seeds, masks_miou = seed_scores["miou"] * 100, score_masks(False)
-    seeds_void, masks_void = void_scores["miou"] * 100, score_masks(True)
+    seeds, masks_miou = seed_scores["miou"] * 100, score_masks([gt for _, _, gt in items])
+    seeds_void, masks_void = void_scores["miou"] * 100, score_masks(void_gts)
     print(f"{len(ids)} images of {a.list}: seeds {seeds:.2f} (threshold {t_seed}), pseudo masks {masks_miou:.2f}")
     print("pixels labelled as their image's class (seeds / pseudo masks):")
     for row, kind in enumerate(KINDS):

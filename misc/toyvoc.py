@@ -531,9 +531,10 @@ def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_obj
 
 def distance_from(masks, shape):
     """Euclidean distance (pixels) of every pixel to the nearest pixel of any mask (inf without one)."""
-    if not masks or not np.any(masks):
+    union = np.any(masks, axis=0) if masks else None
+    if union is None or not union.any():
         return np.full(shape, np.inf)
-    return ndimage.distance_transform_edt(~np.any(masks, axis=0))
+    return ndimage.distance_transform_edt(~union)
 
 
 def void_band(masks, half_width):

@@ -14,11 +14,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 import run_sample
 from misc import toyvoc
+from misc.report import read_summary
 from misc.utils import load_npz
+from voc12.dataloader import read_index_png
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -57,7 +57,7 @@ def gpu_run(tmp_path_factory):
 
 def test_the_whole_toy_pipeline_runs_on_the_gpu(gpu_run):
     _, _, work = gpu_run
-    entries = {e["name"]: e for e in json.loads((work / "summary.json").read_text())}
+    entries = {e["name"]: e for e in read_summary(str(work))}
     assert set(entries) >= {"baseline_cam", "wood_cam", "wood_advcam", "pseudo_mask"}
     assert all(0 <= e["miou"] <= 100 for e in entries.values())
     config = json.loads(sorted(work.glob("config-*.json"))[-1].read_text())
@@ -109,8 +109,8 @@ def test_random_walk_on_the_cpu_equals_the_gpu_run(gpu_run, tmp_path):
     assert names == sorted(os.listdir(tmp_path / "pseudo_mask")) and len(names) == 8
     same = total = 0
     for name in names:
-        a = np.asarray(Image.open(work / "pseudo_mask" / name))
-        b = np.asarray(Image.open(tmp_path / "pseudo_mask" / name))
+        a = read_index_png(str(work / "pseudo_mask" / name), "a GPU pseudo mask")
+        b = read_index_png(str(tmp_path / "pseudo_mask" / name), "a CPU pseudo mask")
         assert a.shape == b.shape
         same, total = same + (a == b).sum(), total + a.size
     assert same / total > 0.995, same / total

@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from misc import toyvoc
 from misc.utils import InputError, palette_voc
@@ -315,7 +316,6 @@ def test_foreign_cue_prob_puts_absent_classes_cues_where_generic_stuff_was():
 
 
 def test_cue_reach_keeps_the_cue_near_objects_and_zero_changes_nothing():
-    from scipy import ndimage
     args = ("aeroplane", "cow", True, True, True, 1)
     full = toyvoc.draw_scene(np.random.default_rng(5), 96, 128, *args)
     same = toyvoc.draw_scene(np.random.default_rng(5), 96, 128, *args, cue_reach=0.0)
