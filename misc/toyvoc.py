@@ -16,11 +16,12 @@ Three "distractor" classes (chair, person, tvmonitor) have no cue and stand on g
 cue class plus a bottom (cue or distractor) class; with `swap_prob` the two regions trade places
 (sky below), so that where the stuff sits is no evidence. A region without a cue class shows generic
 stuff, so a cue never appears without its class (unless `--foreign_cue_prob`, off by default: then such
-a region may show the cue of an absent class). With `--cue_reach` (off by default) a cue shows only near
-an object, as rails under a train, and generic stuff fills the rest of its region. A one-class image
+a region may show the cue of an absent class). A cue shows only near its object (`--cue_reach`: within
+15 % of the long side by default, 1.5 times the objects' area; 0 paints the whole region, the earlier
+default), as rails under a train, and generic stuff fills the rest of its region. A one-class image
 always shows its cue; an image with two cue classes shows only one of its two cues with `cue_drop_prob`
-(by default a cue is with its class about 94 % of the time). Cues have fixed colour ranges and textures
-and cover about half the image; objects have class-specific silhouettes but random colours and patterns,
+(by default a cue is with its class about 94 % of the time). Cues have fixed colour ranges and textures;
+objects have class-specific silhouettes but random colours and patterns,
 so the cue is the easier evidence: a classifier trained on train_aug fires on cue-only images and puts
 much of its CAM on cues.
 
@@ -848,7 +849,7 @@ def parse_args(argv=None):
                    help="P(an object's body takes its class's own hue instead of a random colour)")
     p.add_argument("--foreign_cue_prob", type=float, default=0.0,
                    help="P(a region that would show generic stuff shows the cue of an absent class)")
-    p.add_argument("--cue_reach", type=float, default=0.0,
+    p.add_argument("--cue_reach", type=float, default=0.15,
                    help="a cue shows only within this fraction of the long side from an object (in a hard OoD "
                         "image: from where its object would be), generic stuff beyond; 0: the whole region")
     p.add_argument("--void_width", type=int, default=1, help="void pixels on each side of an outline")
