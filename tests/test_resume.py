@@ -41,11 +41,16 @@ LAUNCHER = '''"""Run run_sample.py (as __main__, unchanged); its STALL_AT-th wri
 import io
 import os
 import runpy
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
+
+# A job a shell starts in the background (`cmd &`, as CI runners may) inherits SIGINT ignored, and Python
+# then installs no KeyboardInterrupt handler; a foreground process, which Ctrl-C reaches, has the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 STALL_DIR = os.path.abspath(os.environ["STALL_DIR"])
 STALL_AT = int(os.environ["STALL_AT"])
