@@ -63,7 +63,8 @@ PRESETS = {
         cam_num_epoches=25, wood_num_epoches=25, irn_num_epoches=8,  # W-OoD gets the ID classifier's epochs, as in the paper (5 and 5)
         cluster_K=8, adv_iter=8, num_workers=2, cpu_threads=1,
         # the toy's ID classifier leans on its cues harder than an ImageNet-started one on VOC (every hard
-        # candidate fools it): the OoD push-down needs 16x the paper's 0.25 (README "W-OoD's weight")
+        # candidate fools it): the OoD push-down needs 16x the paper's 0.25 (README "The cue's reach and
+        # W-OoD's weight on the toy")
         ood_coeff=4.0,
         cam_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
         select_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],

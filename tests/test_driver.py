@@ -42,7 +42,7 @@ def test_paper_preset_is_the_spec():
     assert not any(getattr(a, f"{name}_pass") for name, _ in run_sample.STEPS)
 
 
-def test_toy_preset_keeps_the_method_constants_and_command_line_wins():
+def test_toy_preset_keeps_the_method_constants_but_ood_coeff_and_command_line_wins():
     a = run_sample.parse_args(["--preset", "toy", "--cluster_K", "5", "--work_dir", "/tmp/w"])
     paper = run_sample.parse_args([])
     assert a.pretrained == os.path.join("sess", "toy", "resnet50_toynet_w16.pth") and a.backbone_width == 16
