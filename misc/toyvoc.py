@@ -21,9 +21,8 @@ a region may show the cue of an absent class). A cue shows only near its object 
 default), as rails under a train, and generic stuff fills the rest of its region. A one-class image
 always shows its cue; an image with two cue classes shows only one of its two cues with `cue_drop_prob`
 (by default a cue is with its class about 94 % of the time). Cues have fixed colour ranges and textures;
-objects have class-specific silhouettes but random colours and patterns,
-so the cue is the easier evidence: a classifier trained on train_aug fires on cue-only images and puts
-much of its CAM on cues.
+objects have class-specific silhouettes but random colours and patterns, so the cue is the easier
+evidence: a classifier trained on train_aug fires on cue-only images and puts much of its CAM on cues.
 
 Outputs (`--out`, the VOC layout): JPEGImages/<id>.jpg, Annotations/<id>.xml, SegmentationClass/<id>.png
 (palette PNG for train and val, void band of 255 around objects), SegmentationClassAug/<id>.png

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 import run_sample
 from misc import toyvoc
 from misc.report import read_summary

@@ -6,7 +6,8 @@ import torch
 
 from misc.parallel import run_in_processes
 
-def _init(out_dir, fail_at):
+
+def _setup(out_dir, fail_at):
     torch.set_num_threads(1)
     return dict(out_dir=out_dir, fail_at=fail_at)
 
@@ -24,7 +25,7 @@ def test_every_item_once_and_the_caller_works_too(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        run_in_processes(24, 2, _init, (str(tmp_path), None), _work, "test")
+        run_in_processes(24, 2, _setup, (str(tmp_path), None), _work, "test")
         assert torch.get_num_threads() == 2  # the setup's one thread is undone in the caller
     finally:
         torch.set_num_threads(threads)
@@ -36,5 +37,5 @@ def test_every_item_once_and_the_caller_works_too(tmp_path):
 
 def test_an_error_in_any_process_reaches_the_caller(tmp_path):
     with pytest.raises(ValueError, match="item 30 is bad"):
-        run_in_processes(40, 2, _init, (str(tmp_path), 30), _work, "test")
+        run_in_processes(40, 2, _setup, (str(tmp_path), 30), _work, "test")
     assert len(os.listdir(tmp_path)) < 40
