@@ -33,27 +33,31 @@ if [ "$PRESET" = toy ]; then
     $PY -m misc.toynet --out "$PRETRAINED" --width "$(flag backbone_width)" --threads "$(flag cpu_threads)"
   fi
 else
-  missing=0
-  for d in JPEGImages Annotations SegmentationClass SegmentationClassAug ImageSets/Segmentation; do
-    [ -d "$VOC12_ROOT/$d" ] || { echo "missing: $VOC12_ROOT/$d"; missing=1; }
+  # the W-OoD README's steps, each checked where the paper preset looks for it
+  PRETRAINED=$(flag pretrained); CAM_WEIGHTS=$(flag cam_weights_name)
+  OOD_ROOT=$(flag ood_root); OOD_LIST=$(flag ood_list); OOD_POOL_LIST=$(flag ood_pool_list)
+  missing=()
+  absent=()
+  for d in JPEGImages Annotations SegmentationClass ImageSets/Segmentation; do
+    [ -d "$VOC12_ROOT/$d" ] || absent+=("$d")
   done
-  PRETRAINED=$(flag pretrained)
-  OOD_LIST=$(flag ood_list); OOD_POOL_LIST=$(flag ood_pool_list)
-  [ -f "$OOD_LIST" ] || [ -f "$OOD_POOL_LIST" ] || { echo "missing: $OOD_LIST (or a candidate pool $OOD_POOL_LIST)"; missing=1; }
-  if [ $missing = 1 ]; then
-    cat <<EOF
-
-The paper's run needs (see README "Data and weights"):
-  1. PASCAL VOC 2012: download VOCtrainval_11-May-2012.tar from the PASCAL VOC site, extract it and
-     put (or link) its VOCdevkit/VOC2012 folder at $VOC12_ROOT (or pass --voc12_root).
-  2. SBD's augmented labels: SegmentationClassAug.zip (12031 PNGs, the usual DeepLab/IRN download);
-     extract it to $VOC12_ROOT/SegmentationClassAug/.
-  3. OoD images: the W-OoD release's hard-OoD images under $(flag ood_root) with their list at
-     $OOD_LIST, or a candidate pool under $(flag ood_pool_root) listed in $OOD_POOL_LIST (mine_ood).
-  4. ImageNet weights: $PRETRAINED is downloaded from torchvision's URL when online
-     (https://download.pytorch.org/models/resnet50-19c8e357.pth); offline, put the file there.
-EOF
+  [ ${#absent[@]} -eq 0 ] || missing+=("README step 1 (PASCAL VOC 2012): no ${absent[*]} in $VOC12_ROOT; extract VOCtrainval_11-May-2012.tar and put its VOCdevkit/VOC2012 folder at $VOC12_ROOT (or pass --voc12_root)")
+  [ -d "$VOC12_ROOT/SegmentationClassAug" ] || missing+=("README step 1 (SBD's augmented labels): no $VOC12_ROOT/SegmentationClassAug; extract SegmentationClassAug.zip (12031 PNGs) there")
+  if [ ! -f "$OOD_LIST" ] && [ ! -f "$OOD_POOL_LIST" ]; then
+    missing+=("README step 2 (OoD images): no $OOD_LIST; unzip the released OoD data into WOoD_dataset/openimages (images under $OOD_ROOT, list at $OOD_LIST), or list a candidate pool in $OOD_POOL_LIST for mine_ood")
+  elif [ -f "$OOD_LIST" ] && [ ! -d "$OOD_ROOT" ]; then
+    missing+=("README step 2 (OoD images): $OOD_LIST is there but its images are not: no folder $OOD_ROOT")
+  fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "The paper's run cannot start (README \"Data and weights\"):"
+    for m in "${missing[@]}"; do echo "  - $m"; done
     exit 1
+  fi
+  if [ -f "$CAM_WEIGHTS" ]; then
+    echo "== README step 3: the ID classifier $CAM_WEIGHTS is there; train_cam keeps it"
+  else
+    echo "== README step 3: no released ID classifier at $CAM_WEIGHTS; train_cam trains one from $PRETRAINED" \
+         "(torchvision's ImageNet file, downloaded when online)"
   fi
 fi
 

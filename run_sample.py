@@ -41,9 +41,11 @@ PRESETS = {
         voc12_root="Data/VOC2012",
         pretrained=os.path.join("sess", "resnet50-19c8e357.pth"),
         work_dir="result/paper",
+        # the release's layout and file names (its README steps 1-3): the OoD images unzipped into
+        # WOoD_dataset/openimages, the released ID classifier moved into sess/ (train_cam then skips)
         ood_pool_root="WOoD_dataset", ood_pool_list="WOoD_dataset/candidates.txt",
-        ood_root="WOoD_dataset", ood_list="WOoD_dataset/ood_list.txt",
-        cam_weights_name="sess/res50_cam.pth", wood_weights_name="sess/res50_wood.pth",
+        ood_root="WOoD_dataset/openimages/OoD_images", ood_list="WOoD_dataset/openimages/ood_list.txt",
+        cam_weights_name="sess/res50_cam_orig.pth.pth", wood_weights_name="sess/res50_wood.pth",
         irn_weights_name="sess/res50_irn.pth",
     ),
     "toy": dict(
@@ -152,6 +154,12 @@ def build_parser():
     g.add_argument("--select_scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
     g.add_argument("--select_eval_thres", type=float, nargs="+", default=[0.06, 0.08, 0.10, 0.12])
     g.add_argument("--select_every", type=int, default=10)
+    g.add_argument("--select_accumulate", type=B, default=True,
+                   help="released code: the selection's confusion matrix accumulates over the thresholds "
+                        "(score at t = predictions of every threshold up to t); false: one per threshold")
+    g.add_argument("--select_before_update", type=B, default=True,
+                   help="released code: an in-epoch evaluation scores the weights before that step's update; "
+                        "false: after it")
     g.add_argument("--wood_empty_cluster", choices=["keep"], default="keep",
                    help="an empty K-means cluster keeps its centroid (the original divides by zero)")
 

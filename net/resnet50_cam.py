@@ -4,7 +4,8 @@ Parameter names (our canonical state dict) are those of the original's `stage1..
 `classifier`: stage1 = Sequential(conv1, bn1, relu, maxpool, layer1), stage2..4 = Sequential(layerN).
 The original also registers the same modules as `resnet50.*`, `backbone.<i>.*` and
 `newly_added.0.*`, so its checkpoints list every tensor under several names; `load_cam_state` maps
-all of them onto ours (and checks that the copies agree).
+all of them onto ours (and checks that the copies agree). `backbone` is IRN's [stage1..stage4] in
+IRN's Net and [stage3, stage4] in W-OoD's (the paper's released ID classifier): the file decides.
 
 Two training modes (`Net(...)` arguments):
 - the paper's (ImageNet weights): frozen BatchNorm, conv1/bn1 never trained, stage2's output detached
@@ -136,19 +137,23 @@ def load_classifier(args, weights_path, cls=CAM, hint="run train_cam (--train_ca
     return model.to(torch.device(args.device)).eval()
 
 
-# The original module lists each tensor under several names; (pattern, replacement) to ours.
+# The original module lists each tensor under several names; (pattern, replacement) to ours. The
+# `backbone.<i>` aliases differ between the released nets and are resolved per file (backbone_stage_map).
 _ALIASES = [
     (re.compile(r"^resnet50\.conv1\."), "stage1.0."),
     (re.compile(r"^resnet50\.bn1\."), "stage1.1."),
     (re.compile(r"^resnet50\.layer1\."), "stage1.4."),
     (re.compile(r"^resnet50\.layer([234])\."), r"stage\1.0."),
-    (re.compile(r"^backbone\.([0-3])\."), lambda m: f"stage{int(m.group(1)) + 1}."),
     (re.compile(r"^newly_added\.0\."), "classifier."),
 ]
+_BACKBONE_KEY = re.compile(r"^backbone\.(\d+)\.(.+)$")
+_STAGES = ("stage1", "stage2", "stage3", "stage4")
+_COUNTER = ".num_batches_tracked"
 
 
 def canonical_key(key):
-    """Our parameter name for a key of our own or of the original's state dict (unchanged if unknown)."""
+    """Our parameter name for a key of our own or of the original's state dict (unchanged if unknown;
+    `backbone.<i>.*` keys need backbone_stage_map)."""
     for pattern, replacement in _ALIASES:
         new, n = pattern.subn(replacement, key)
         if n:
@@ -156,19 +161,56 @@ def canonical_key(key):
     return key
 
 
+def _sub_keys(keys, prefix):
+    return {k[len(prefix):] for k in keys if k.startswith(prefix) and not k.endswith(_COUNTER)}
 
 
-def canonical_state(state, source="state dict"):
-    """Map every alias to our names; InputError if two aliases of one tensor differ."""
+def backbone_stage_map(keys, expected_keys, source="state dict"):
+    """{i: "stage<s>"}: the stage that each `backbone.<i>` of a checkpoint lists, read from the file.
+
+    IRN's Net registers `backbone = [stage1, stage2, stage3, stage4]`, W-OoD's `backbone = [stage3,
+    stage4]` (SPEC 2.2). The stages of a ResNet-50 differ in structure (stage1 holds the stem, and
+    stages 2, 3, 4 have 4, 6, 3 blocks), so `backbone.<i>` is the one stage whose sub-keys it has,
+    exactly; whether its tensors equal the file's other aliases of that stage is checked when merging.
+    A damaged file (keys lost or added) maps each `backbone.<i>` to the stage that shares most of its
+    sub-keys (more than half, one such stage), so that the strict load names what is missing.
+    InputError if no stage fits.
+    """
+    indices = sorted({int(m.group(1)) for m in map(_BACKBONE_KEY.match, keys) if m})
+    stage_keys = {stage: _sub_keys(expected_keys, stage + ".") for stage in _STAGES}
+    mapping = {}
+    for i in indices:
+        own = _sub_keys(keys, f"backbone.{i}.")
+        fits = [stage for stage, sub in stage_keys.items() if sub == own]
+        if not fits:
+            overlap = {stage: len(sub & own) / len(sub | own) for stage, sub in stage_keys.items() if sub | own}
+            best = max(overlap.values(), default=0)
+            fits = [stage for stage, share in overlap.items() if share == best and share > 0.5]
+        if len(fits) != 1:
+            raise InputError(f"{source}: backbone.{i}.* ({len(own)} tensors) is not one stage of a ResNet-50 CAM "
+                             f"classifier (neither IRN's nor W-OoD's alias layout); the file belongs to another "
+                             f"network")
+        mapping[i] = fits[0]
+    return mapping
+
+
+def canonical_state(state, source="state dict", expected_keys=None):
+    """Map every alias to our names; InputError if two aliases of one tensor differ.
+
+    `expected_keys` (our state dict's keys) resolve the `backbone.<i>` aliases (backbone_stage_map);
+    without them such keys stay as they are.
+    """
     if not isinstance(state, dict):
         raise InputError(f"{source} is not a state dict (got {type(state).__name__})")
     if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
+    stages = backbone_stage_map(state.keys(), expected_keys, source) if expected_keys is not None else {}
     merged, origin = {}, {}
     for key, value in state.items():
-        name = canonical_key(key)
+        m = _BACKBONE_KEY.match(key)
+        name = f"{stages[int(m.group(1))]}.{m.group(2)}" if m and stages else canonical_key(key)
         if name in merged:
             first = merged[name]
             if first.shape != value.shape or not torch.equal(first, value):
@@ -189,6 +231,6 @@ def load_cam_state(model, path_or_state, source=None):
         state = load_torch(path_or_state)
     else:
         state, source = path_or_state, source or "the given state dict"
-    merged, origin = canonical_state(state, source)
+    merged, origin = canonical_state(state, source, expected_keys=model.state_dict().keys())
     return load_canonical_state(model, merged, origin, source, "a complete ResNet-50 CAM classifier",
                                 model.out_channels // 32)

@@ -40,17 +40,33 @@ def labels_for_thresholds(high_res, keys, thresholds):
             for t in thresholds]
 
 
-def sweep_thresholds(items, thresholds, n_class=N_LABELS):
-    """Scores (misc.metrics.scores dict) per threshold, over (high_res, keys, gt) triples.
-
-    One pass over `items` (an iterable, e.g. a generator reading files); one confusion matrix per
-    threshold. Returns {threshold: scores}, in the order of `thresholds`.
-    """
+def threshold_confusions(items, thresholds, n_class=N_LABELS):
+    """One (n_class, n_class) confusion matrix per threshold over (high_res, keys, gt) triples, in one
+    pass over `items` (an iterable, e.g. a generator reading files)."""
     thresholds = list(thresholds)
     confusions = [np.zeros((n_class, n_class), np.int64) for _ in thresholds]
     for high_res, keys, gt in items:
         for conf, pred in zip(confusions, labels_for_thresholds(high_res, keys, thresholds)):
             conf += confusion_matrix([pred], [gt], n_class)
+    return confusions
+
+
+def sweep_thresholds(items, thresholds, n_class=N_LABELS):
+    """Scores (misc.metrics.scores dict) per threshold, each from its own confusion matrix.
+
+    Returns {threshold: scores}, in the order of `thresholds`.
+    """
+    confusions = threshold_confusions(items, thresholds, n_class)
+    return {t: scores(conf) for t, conf in zip(thresholds, confusions)}
+
+
+def accumulated_sweep(items, thresholds, n_class=N_LABELS):
+    """The released checkpoint selection's scores (SPEC 4.3 (a)): its `eval_cam_sub` keeps one list of
+    predictions and ground truths for the whole threshold loop, so the score at threshold t comes from
+    one confusion matrix over the predictions of every threshold up to and including t, i.e. the running
+    sum of the per-threshold matrices. Returns {threshold: scores}, in the order of `thresholds`.
+    """
+    confusions = np.cumsum(threshold_confusions(items, thresholds, n_class), axis=0)
     return {t: scores(conf) for t, conf in zip(thresholds, confusions)}
 
 

@@ -11,11 +11,13 @@ and the OoD prototypes (K-means of the OoD features, K = args.cluster_K). Each s
 After each epoch the validation loss is printed.
 
 Checkpoint selection (args.select_by_gt, on by default as in the released code; it uses the
-pixel-level ground truth of args.chainer_eval_set): in the last epoch, after every step whose
-0-based index within the epoch exceeds 3/4 of the epoch's length and is a multiple of
-args.select_every, and once after training, CAMs (make_cam's maths, scales args.select_scales) are
-scored at thresholds args.select_eval_thres; the weights with the best mIoU so far are kept (ties
-keep the earlier ones). With it off, the final weights are saved. Output: args.wood_weights_name,
+pixel-level ground truth of args.chainer_eval_set): in the last epoch, at every step whose 0-based
+index within the epoch exceeds 3/4 of the epoch's length and is a multiple of args.select_every
+(as released, before that step's update; --select_before_update false: after it), and once after
+training, CAMs (make_cam's maths, scales args.select_scales) are scored at thresholds
+args.select_eval_thres (as released, with the confusion matrix accumulating over the thresholds,
+step.eval_cam.accumulated_sweep; --select_accumulate false: one matrix per threshold); the weights
+with the best mIoU so far are kept (ties keep the earlier ones). With it off, the final weights are saved. Output: args.wood_weights_name,
 written atomically; if it exists the step is skipped. The prototypes are also saved, for
 inspection only, to <work_dir>/wood_prototypes.npz.
 """
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from misc.torchutils import make_poly_optimizer
 from misc.utils import InputError, save_npz, save_torch
 from net.resnet50_cam import CAM, PARAM_GROUP_LR_MULT, Net, load_classifier
-from step.eval_cam import best_threshold, sweep_thresholds
+from step.eval_cam import accumulated_sweep, best_threshold, sweep_thresholds
 from step.make_cam import cam_maps, keep_label_classes
 from step.train_cam import validation_loss
 from voc12.dataloader import (VOC12ClassificationDataset, VOC12ClassificationDatasetMSF, load_gt,
@@ -107,7 +109,8 @@ class CheckpointSelector:
         """Score `model` now; keep a CPU copy of its weights if its mIoU beats the best so far."""
         state = model.state_dict()
         self.cam_model.load_state_dict(state)
-        threshold, scores = best_threshold(sweep_thresholds(self._items(), self.args.select_eval_thres))
+        sweep = accumulated_sweep if self.args.select_accumulate else sweep_thresholds
+        threshold, scores = best_threshold(sweep(self._items(), self.args.select_eval_thres))
         miou = scores["miou"] if np.isfinite(scores["miou"]) else -np.inf  # nothing scorable: never preferred
         self.history.append((tag, miou, threshold))
         print(f"train_wood: {tag}: CAM mIoU {100 * miou:.2f} at threshold {threshold} on "
@@ -171,6 +174,11 @@ def run(args):
         bar = tqdm(train_batches(), total=steps_per_epoch, unit="batch",
                    desc=f"train_wood epoch {epoch + 1}/{args.wood_num_epoches}")
         for step, pack in enumerate(bar):
+            due = selector is not None and selection_due(epoch, step, args.wood_num_epoches, steps_per_epoch,
+                                                         args.select_every)
+            if due and args.select_before_update:  # as released: the weights before this step's update
+                selector.offer(model, f"epoch {epoch + 1} step {step}, before its update")
+                model.train()
             img = pack["img"].to(device, non_blocking=True)
             label = pack["label"].to(device, non_blocking=True)
             ood_img = next(ood_batches)["img"].to(device, non_blocking=True)
@@ -182,9 +190,8 @@ def run(args):
             for k, v in parts.items():
                 sums[k] += v
             bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if selector is not None and selection_due(epoch, step, args.wood_num_epoches, steps_per_epoch,
-                                                      args.select_every):
-                selector.offer(model, f"epoch {epoch + 1} step {step}")
+            if due and not args.select_before_update:
+                selector.offer(model, f"epoch {epoch + 1} step {step}, after its update")
                 model.train()
         val = validation_loss(model, val_loader, device)
         means = " ".join(f"{k} {v / steps_per_epoch:.4f}" for k, v in sums.items())

@@ -7,15 +7,17 @@ import torch.nn.functional as F
 
 from misc.utils import InputError, save_torch
 from net import resnet50 as resnet50_module
-from net.resnet50_cam import CAM, Net, canonical_key, load_cam_state, load_classifier, new_id_classifier
+from net.resnet50_cam import (CAM, Net, backbone_stage_map, canonical_key, load_cam_state, load_classifier,
+                              new_id_classifier)
 
 WIDTH = 8
 
 
 class OriginalStyleNet(nn.Module):
-    """The module layout of the released resnet50_cam.Net (every tensor listed under 2-3 names)."""
+    """The module layout of the released resnet50_cam.Net (every tensor listed under 2-3 names): IRN's
+    `backbone = [stage1..stage4]`, or W-OoD's `backbone = [stage3, stage4]` (the paper's released file)."""
 
-    def __init__(self):
+    def __init__(self, layout="irn"):
         super().__init__()
         self.resnet50 = resnet50_module.resnet50(width=WIDTH)
         r = self.resnet50
@@ -24,7 +26,8 @@ class OriginalStyleNet(nn.Module):
         self.stage3 = nn.Sequential(r.layer3)
         self.stage4 = nn.Sequential(r.layer4)
         self.classifier = nn.Conv2d(r.out_channels, 20, 1, bias=False)
-        self.backbone = nn.ModuleList([self.stage1, self.stage2, self.stage3, self.stage4])
+        self.backbone = nn.ModuleList([self.stage1, self.stage2, self.stage3, self.stage4] if layout == "irn"
+                                      else [self.stage3, self.stage4])
         self.newly_added = nn.ModuleList([self.classifier])
 
     def logits(self, x):
@@ -89,15 +92,51 @@ def test_canonical_key():
     assert canonical_key("resnet50.bn1.bias") == "stage1.1.bias"
     assert canonical_key("resnet50.layer1.2.conv3.weight") == "stage1.4.2.conv3.weight"
     assert canonical_key("resnet50.layer3.0.downsample.1.weight") == "stage3.0.0.downsample.1.weight"
-    assert canonical_key("backbone.3.0.1.bn2.weight") == "stage4.0.1.bn2.weight"
+    assert canonical_key("backbone.3.0.1.bn2.weight") == "backbone.3.0.1.bn2.weight"  # per file: below
     assert canonical_key("newly_added.0.weight") == "classifier.weight"
     assert canonical_key("stage2.0.0.conv1.weight") == "stage2.0.0.conv1.weight"
+
+
+@pytest.mark.parametrize("layout", ["irn", "wood"])
+def test_both_released_alias_layouts_give_the_cams_of_our_own_checkpoint(layout, tmp_path):
+    torch.manual_seed(0)
+    released = _randomise_bn(OriginalStyleNet(layout)).eval()
+    state = released.state_dict()
+    if layout == "wood":  # SPEC 2.2: backbone.0.0 = stage3.0 = resnet50.layer3, backbone.1.0 = layer4
+        assert torch.equal(state["backbone.0.0.0.conv1.weight"], state["resnet50.layer3.0.conv1.weight"])
+        assert torch.equal(state["backbone.1.0.2.bn3.bias"], state["resnet50.layer4.2.bn3.bias"])
+        assert not any(k.startswith(("backbone.2.", "backbone.3.")) for k in state)
+    path = tmp_path / f"{layout}.pth"
+    torch.save(state, path)
+    ours = {k: v for k, v in state.items() if k.startswith(("stage", "classifier."))}  # our own layout
+    x = _pair()
+    with torch.no_grad():
+        own = load_cam_state(CAM(width=WIDTH), ours).eval()(x)
+        assert torch.equal(load_cam_state(CAM(width=WIDTH), str(path)).eval()(x), own)
+        assert torch.equal(own, released.cam(x))
+
+
+def test_backbone_stage_map_is_read_from_the_file():
+    expected = CAM(width=WIDTH).state_dict().keys()
+    irn = OriginalStyleNet("irn").state_dict().keys()
+    wood = OriginalStyleNet("wood").state_dict().keys()
+    assert backbone_stage_map(irn, expected) == {0: "stage1", 1: "stage2", 2: "stage3", 3: "stage4"}
+    assert backbone_stage_map(wood, expected) == {0: "stage3", 1: "stage4"}
+    # backbone-only files (no other alias to compare with) are read by structure alike
+    only = [k for k in wood if k.startswith(("backbone.", "stage1", "stage2", "classifier"))]
+    assert backbone_stage_map(only, expected) == {0: "stage3", 1: "stage4"}
+    damaged = [k for k in wood if not k.startswith("backbone.0.0.5.conv1.")]  # a tensor lost: still stage3
+    assert backbone_stage_map(damaged, expected) == {0: "stage3", 1: "stage4"}
+    foreign = [k for k in wood if not k.startswith("backbone.1.")] + ["backbone.1.head.weight"]
+    with pytest.raises(InputError, match=r"x.pth: backbone\.1\.\* \(1 tensors\) is not one stage"):
+        backbone_stage_map(foreign, expected, "x.pth")
 
 
 def test_truncated_checkpoint_is_a_clear_error(original, tmp_path):
     state = original.state_dict()
     removed = "stage4.0.2.conv3.weight"
-    truncated = {k: v for k, v in state.items() if canonical_key(k) != removed}
+    truncated = {k: v for k, v in state.items()
+                 if not k.endswith(("layer4.2.conv3.weight", "stage4.0.2.conv3.weight", "backbone.3.0.2.conv3.weight"))}
     truncated["extra.head.weight"] = torch.zeros(1)
     path = tmp_path / "truncated.pth"
     torch.save(truncated, path)

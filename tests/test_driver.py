@@ -39,6 +39,17 @@ def test_paper_preset_is_the_spec():
     assert (a.sem_seg_bg_thres, a.np_power, a.irn_batch_size, a.irn_num_epoches) == (0.22, 1.5, 32, 3)
     assert a.pretrained == os.path.join("sess", "resnet50-19c8e357.pth") and a.backbone_width == 64
     assert a.real_momentum is None and a.select_by_gt is True
+    assert a.select_accumulate is True and a.select_before_update is True  # SPEC 4.3 (a), (b)
+
+
+def test_paper_preset_finds_the_release_layout():
+    """The W-OoD README's steps 1-3: VOC under Data/, the OoD zip into WOoD_dataset/openimages, the
+    released ID classifier (saved as cam_weights_name + '.pth' by the release) into sess/."""
+    a = run_sample.parse_args([])
+    assert a.voc12_root == "Data/VOC2012"
+    assert a.ood_root == "WOoD_dataset/openimages/OoD_images"
+    assert a.ood_list == "WOoD_dataset/openimages/ood_list.txt"
+    assert a.cam_weights_name == "sess/res50_cam_orig.pth.pth"
     assert not any(getattr(a, f"{name}_pass") for name, _ in run_sample.STEPS)
 
 

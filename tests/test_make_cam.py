@@ -208,6 +208,33 @@ def test_sweep_equals_direct_metric(setup):
     assert len(set(np.round(mious, 9))) > 1  # the thresholds do change the result
 
 
+def test_accumulated_sweep_is_the_released_selection_rule():
+    """The released eval_cam_sub: preds / labels created once before the threshold loop (SPEC 4.3 (a))."""
+    yy, xx = np.mgrid[:24, :24]
+    items = []
+    for cy, cx, cls in ((12, 12, 2), (8, 14, 6), (15, 9, 2)):
+        gt = np.zeros((24, 24), np.uint8)
+        gt[cy - 4:cy + 4, cx - 4:cx + 4] = cls + 1
+        gt[0, :3] = 255
+        dist = np.hypot(yy - cy, xx - cx)
+        cam = (1 - dist / dist.max()) ** 6   # diffuse: a higher threshold is tighter, hence better
+        items.append((cam[None].astype(np.float32), np.array([cls]), gt))
+    thresholds = [0.06, 0.08, 0.10, 0.12]
+    preds, labels, released = [], [], []
+    for t in thresholds:
+        for high_res, keys, gt in items:
+            preds.append(cam_to_label(high_res, keys, t))
+            labels.append(gt)
+        released.append(scores(confusion_matrix(preds, labels, 21))["miou"])
+    independent = [s["miou"] for s in eval_cam.sweep_thresholds(iter(items), thresholds).values()]
+    assert independent == sorted(independent) and independent[0] < independent[-1]  # rises with t
+    accumulated = eval_cam.accumulated_sweep(iter(items), thresholds)
+    assert [s["miou"] for s in accumulated.values()] == pytest.approx(released, abs=1e-12)
+    best_t, best = eval_cam.best_threshold(accumulated)
+    assert best["miou"] == pytest.approx(max(released), abs=1e-12) and best_t == thresholds[int(np.argmax(released))]
+    assert best["miou"] < max(independent) - 0.01  # the two rules do differ here
+
+
 def test_eval_cam_run_writes_summary_and_reports_best(setup, capsys):
     info, model, args = setup
     sweep = eval_cam.run(args)

@@ -237,6 +237,25 @@ def test_train_wood_trains_stages_3_4_and_classifier_and_selects(wood_setup, mon
         original_init(self, *a, **k)
         selectors.append(self)
     monkeypatch.setattr(train_wood.CheckpointSelector, "__init__", spy_init)
+    updates_at_offer = []   # optimizer steps taken when each evaluation starts
+    original_offer, original_step = train_wood.CheckpointSelector.offer, train_wood.make_poly_optimizer
+    steps = [0]
+
+    def spy_offer(self, model, tag):
+        updates_at_offer.append(steps[0])
+        return original_offer(self, model, tag)
+
+    def counting_optimizer(*a, **k):
+        opt = original_step(*a, **k)
+        step = opt.step
+
+        def counted(*sa, **sk):
+            steps[0] += 1
+            return step(*sa, **sk)
+        opt.step = counted
+        return opt
+    monkeypatch.setattr(train_wood.CheckpointSelector, "offer", spy_offer)
+    monkeypatch.setattr(train_wood, "make_poly_optimizer", counting_optimizer)
     train_wood.run(args)
     start, saved = load_torch(args.cam_weights_name), load_torch(args.wood_weights_name)
     assert saved.keys() == start.keys() and all(torch.isfinite(v).all() for v in saved.values())
@@ -247,7 +266,8 @@ def test_train_wood_trains_stages_3_4_and_classifier_and_selects(wood_setup, mon
         assert changed == trainable, key
     # 6 steps of 1 image: the last quarter is step 5 (> 4.5); plus once after training
     (selector,) = selectors
-    assert [h[0] for h in selector.history] == ["epoch 1 step 5", "after training"]
+    assert [h[0] for h in selector.history] == ["epoch 1 step 5, before its update", "after training"]
+    assert updates_at_offer == [5, 6]  # as released: step 5 is scored before its update (SPEC 4.3 (b))
     best = max(range(2), key=lambda i: (selector.history[i][1], -i))
     assert selector.best[2] == selector.history[best][0]
     assert all(torch.equal(saved[k], selector.best_state[k]) for k in saved)
@@ -256,6 +276,22 @@ def test_train_wood_trains_stages_3_4_and_classifier_and_selects(wood_setup, mon
     assert proto["id"].shape == (20, 256) and proto["ood"].shape == (3, 256)
     train_wood.run(args)  # the weights exist: skipped
     assert "exists; keeping it" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:no image of class")
+def test_train_wood_selection_after_the_update_and_per_threshold(wood_setup, monkeypatch):
+    args = wood_setup
+    args.select_before_update, args.select_accumulate = False, False
+    sweeps = []
+    independent = train_wood.sweep_thresholds
+    monkeypatch.setattr(train_wood, "sweep_thresholds", lambda *a: sweeps.append("independent") or independent(*a))
+    offers = []
+    original_offer = train_wood.CheckpointSelector.offer
+    monkeypatch.setattr(train_wood.CheckpointSelector, "offer",
+                        lambda self, model, tag: offers.append(tag) or original_offer(self, model, tag))
+    train_wood.run(args)
+    assert offers == ["epoch 1 step 5, after its update", "after training"]
+    assert sweeps == ["independent", "independent"]
 
 
 @pytest.mark.filterwarnings("ignore:no image of class")
