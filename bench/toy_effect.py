@@ -10,7 +10,8 @@ For each seed: generate ToyVOC (misc.toyvoc, that seed) into <bench_dir>/seed<s>
 through run_sample.py with the toy preset and that seed: train_cam -> make_cam + eval_cam from the ID
 classifier (baseline) -> mine_ood -> train_wood -> make_cam + eval_cam from the W-OoD classifier. Prints per
 seed the best mIoU of both (summary.json of the run), the share of CAM mass on cue pixels (bench/cue_mass.py)
-and the wall time, and last `mean_diff=<W-OoD minus baseline, mIoU points> seeds_above=<n>/<seeds>`.
+and the wall time, and last `mean_diff=<W-OoD minus baseline, mIoU points> seeds_above=<n>/<seeds> failed=<n>`
+(a seed whose run fails, e.g. a diverged fine-tuning, prints FAILED with the error and counts as not above).
 Flags after `--` go to every run_sample.py call (e.g. `-- --real_momentum 0.9`). Everything for a seed is
 written under its own folder; a finished step is skipped on a rerun (the steps' own resumption).
 """
@@ -27,16 +28,21 @@ import run_sample  # noqa: E402
 from bench.cue_mass import measure  # noqa: E402
 
 
+class RunFailed(RuntimeError):
+    """A command of a seed's run failed; the message is its last error line."""
+
+
 def sh(cmd, log):
-    """Run `cmd` in the repository root; its output goes to `log`; raise with the log's tail on failure."""
+    """Run `cmd` in the repository root; its output goes to `log`; RunFailed with its error on failure."""
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if rc != 0:
         with open(log) as f:
-            tail = f.read()[-3000:]
-        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{tail}")
+            lines = [line.strip() for line in f if line.strip()]
+        errors = [line for line in lines if line.startswith(("error:", "Traceback"))] or lines[-1:]
+        raise RunFailed(f"exit {rc}: {errors[-1] if errors else 'no output'} (log: {log})")
 
 
 def cue_share(voc_root, cam_dir):
@@ -98,9 +104,14 @@ def main():
                 "--threads", str(toy.cpu_threads)], os.path.join(a.bench_dir, "toynet_log.txt"))
             print(f"ToyNet pre-training: {time.time() - start:.0f} s -> {toynet}", flush=True)
         extra = ["--pretrained", toynet] + extra
-    diffs = []
+    diffs, failed = [], []
     for seed in a.seeds:
-        r = run_seed(seed, a.bench_dir, extra, a.data_args.split())
+        try:
+            r = run_seed(seed, a.bench_dir, extra, a.data_args.split())
+        except RunFailed as e:   # e.g. a diverged fine-tuning: no number is reported for it
+            failed.append(seed)
+            print(f"seed {seed}: FAILED, no result: {e}", flush=True)
+            continue
         diff = r["wood"][0] - r["baseline"][0]
         diffs.append(diff)
         t = r["times"]
@@ -109,7 +120,9 @@ def main():
               f"(thr {r['wood'][1]}) cue share {r['wood_cue'][0]:.3f}/{r['wood_cue'][1]:.3f} | diff {diff:+.1f} | "
               f"time data {t['data']:.0f} s, train_cam+baseline CAM {t['baseline']:.0f} s, "
               f"mine+train_wood+W-OoD CAM {t['wood']:.0f} s", flush=True)
-    print(f"mean_diff={sum(diffs) / len(diffs):.2f} seeds_above={sum(d > 0 for d in diffs)}/{len(diffs)}")
+    mean = f"{sum(diffs) / len(diffs):.2f}" if diffs else "n/a"
+    print(f"mean_diff={mean} seeds_above={sum(d > 0 for d in diffs)}/{len(a.seeds)} failed={len(failed)}"
+          + (f" (seeds {' '.join(map(str, failed))})" if failed else ""))
 
 
 if __name__ == "__main__":
