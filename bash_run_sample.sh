@@ -24,13 +24,13 @@ VOC12_ROOT=$(flag voc12_root)
 if [ "$PRESET" = toy ]; then
   if [ ! -f "$VOC12_ROOT/ImageSets/Segmentation/train.txt" ]; then
     echo "== generating ToyVOC into $VOC12_ROOT"
-    $PY -m misc.toyvoc --out "$VOC12_ROOT" --ood_out "$(flag ood_pool_root)" --seed "$(flag seed)"
+    $PY -m toy.toyvoc --out "$VOC12_ROOT" --ood_out "$(flag ood_pool_root)" --seed "$(flag seed)"
   fi
   # the toy's stand-in for ImageNet weights: a backbone pre-trained on unrelated generated scenes
   PRETRAINED=$(flag pretrained)
   if [ "$PRETRAINED" != none ] && [ ! -f "$PRETRAINED" ]; then
     echo "== pre-training the ToyNet backbone into $PRETRAINED"
-    $PY -m misc.toynet --out "$PRETRAINED" --width "$(flag backbone_width)" --threads "$(flag cpu_threads)"
+    $PY -m toy.toynet --out "$PRETRAINED" --width "$(flag backbone_width)" --threads "$(flag cpu_threads)"
   fi
 else
   missing=0

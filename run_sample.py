@@ -48,7 +48,7 @@ PRESETS = {
     ),
     "toy": dict(
         voc12_root="Data/ToyVOC",
-        # the toy world's "ImageNet" weights (misc/toynet.py; bash_run_sample.sh --toy makes them)
+        # the toy world's "ImageNet" weights (toy/toynet.py; bash_run_sample.sh --toy makes them)
         pretrained=os.path.join("sess", "toy", "resnet50_toynet_w16.pth"), backbone_width=16,
         work_dir="result/toy",
         ood_pool_root="WOoD_dataset/toy", ood_pool_list="WOoD_dataset/toy/candidates.txt",
@@ -96,7 +96,7 @@ def build_parser():
     g = p.add_argument_group("backbone")
     g.add_argument("--pretrained", default=None,
                    help="torchvision-format ResNet-50 weights (path or URL: ImageNet, or ToyVOC's ToyNet file of "
-                        "misc/toynet.py), or 'none' (train the ID classifier from scratch)")
+                        "toy/toynet.py), or 'none' (train the ID classifier from scratch)")
     g.add_argument("--backbone_width", type=int, default=64, help="64 = the real ResNet-50")
     g.add_argument("--real_momentum", type=float, default=None,
                    help="use this SGD momentum instead of the original's 1e-4 quirk (Deviations)")

@@ -1,6 +1,6 @@
 """Where do the pseudo masks gain or lose against their CAM seeds? ToyVOC's cue masks split the pixels.
 
-    python bench/seeds_vs_masks.py --voc12_root Data/ToyVOC --seed_dir result/toy/wood_advcam \
+    python toy/seeds_vs_masks.py --voc12_root Data/ToyVOC --seed_dir result/toy/wood_advcam \
         --mask_dir result/toy/pseudo_mask [--list train]
 
 The seeds are scored as eval_cam scores them (best mIoU of the toy preset's threshold sweep), the pseudo
