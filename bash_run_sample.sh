@@ -43,7 +43,7 @@ else
   if [ $missing = 1 ]; then
     cat <<EOF
 
-The paper's run needs (see README "Data and weights"):
+The paper's run needs (see README "Reproduce the paper on VOC"):
   1. PASCAL VOC 2012: download VOCtrainval_11-May-2012.tar from the PASCAL VOC site, extract it and
      put (or link) its VOCdevkit/VOC2012 folder at $VOC12_ROOT (or pass --voc12_root).
   2. SBD's augmented labels: SegmentationClassAug.zip (12031 PNGs, the usual DeepLab/IRN download);

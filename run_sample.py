@@ -58,12 +58,12 @@ PRESETS = {
         # sizes scaled from ~500 px VOC images to ~160 px toy images
         cam_resize_long=[100, 200], cam_crop_size=160, ood_long_side=160, irn_crop_size=160,
         # radii on the stride-4 grid scale with it: IRN's 10 of a 128-cell crop -> 3 of 40, the walk's 5 on
-        # ~125-cell VOC images -> 2 on ~40-cell toy images (README "IRN stage on the toy")
+        # ~125-cell VOC images -> 2 on ~40-cell toy images (docs/toy.md "The IRN stage on the toy")
         irn_radius=3, rw_radius=2,
         cam_num_epoches=25, wood_num_epoches=25, irn_num_epoches=8,  # W-OoD gets the ID classifier's epochs, as in the paper (5 and 5)
         cluster_K=8, adv_iter=8, num_workers=2, cpu_threads=1,
         # the toy's ID classifier leans on its cues harder than an ImageNet-started one on VOC (every hard
-        # candidate fools it): the OoD push-down needs 16x the paper's 0.25 (README "The cue's reach and
+        # candidate fools it): the OoD push-down needs 16x the paper's 0.25 (docs/toy.md "The cue's reach and
         # W-OoD's weight on the toy")
         ood_coeff=4.0,
         cam_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],

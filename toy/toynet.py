@@ -6,7 +6,7 @@ Why it exists: the paper starts every network from ImageNet weights, whose featu
 and "stuff" (rails, water, sky) separately, because ImageNet shows them in every combination. A
 classifier trained from scratch on ToyVOC alone learns features that tie a cue to its object (it tells
 "rails next to a train" from "rails alone"), and W-OoD, which teaches that a cue alone is no class, then
-barely changes its CAMs (README, "The W-OoD effect on ToyVOC"). ToyNet pre-trains the backbone on
+barely changes its CAMs (docs/toy.md, "The W-OoD effect on ToyVOC"). ToyNet pre-trains the backbone on
 generated scenes drawn by toy.toyvoc's painters in which the object class (or no object) and the
 stuff of the top and bottom regions are drawn independently and uniformly: multi-label classification
 of the 9 toy object classes plus the 7 stuff kinds (6 cues, generic), ordinary BatchNorm, SGD with real
