@@ -24,13 +24,13 @@ VOC12_ROOT=$(flag voc12_root)
 if [ "$PRESET" = toy ]; then
   if [ ! -f "$VOC12_ROOT/ImageSets/Segmentation/train.txt" ]; then
     echo "== generating ToyVOC into $VOC12_ROOT"
-    $PY -m misc.toyvoc --out "$VOC12_ROOT" --ood_out "$(flag ood_pool_root)" --seed "$(flag seed)"
+    $PY -m toy.toyvoc --out "$VOC12_ROOT" --ood_out "$(flag ood_pool_root)" --seed "$(flag seed)"
   fi
   # the toy's stand-in for ImageNet weights: a backbone pre-trained on unrelated generated scenes
   PRETRAINED=$(flag pretrained)
   if [ "$PRETRAINED" != none ] && [ ! -f "$PRETRAINED" ]; then
     echo "== pre-training the ToyNet backbone into $PRETRAINED"
-    $PY -m misc.toynet --out "$PRETRAINED" --width "$(flag backbone_width)" --threads "$(flag cpu_threads)"
+    $PY -m toy.toynet --out "$PRETRAINED" --width "$(flag backbone_width)" --threads "$(flag cpu_threads)"
   fi
 else
   # the W-OoD README's steps, each checked where the paper preset looks for it
@@ -49,7 +49,7 @@ else
     missing+=("README step 2 (OoD images): $OOD_LIST is there but its images are not: no folder $OOD_ROOT")
   fi
   if [ ${#missing[@]} -gt 0 ]; then
-    echo "The paper's run cannot start (README \"Data and weights\"):"
+    echo "The paper's run cannot start (README \"Reproduce the paper on VOC\"):"
     for m in "${missing[@]}"; do echo "  - $m"; done
     exit 1
   fi

@@ -50,7 +50,7 @@ PRESETS = {
     ),
     "toy": dict(
         voc12_root="Data/ToyVOC",
-        # the toy world's "ImageNet" weights (misc/toynet.py; bash_run_sample.sh --toy makes them)
+        # the toy world's "ImageNet" weights (toy/toynet.py; bash_run_sample.sh --toy makes them)
         pretrained=os.path.join("sess", "toy", "resnet50_toynet_w16.pth"), backbone_width=16,
         work_dir="result/toy",
         ood_pool_root="WOoD_dataset/toy", ood_pool_list="WOoD_dataset/toy/candidates.txt",
@@ -60,12 +60,12 @@ PRESETS = {
         # sizes scaled from ~500 px VOC images to ~160 px toy images
         cam_resize_long=[100, 200], cam_crop_size=160, ood_long_side=160, irn_crop_size=160,
         # radii on the stride-4 grid scale with it: IRN's 10 of a 128-cell crop -> 3 of 40, the walk's 5 on
-        # ~125-cell VOC images -> 2 on ~40-cell toy images (README "IRN stage on the toy")
+        # ~125-cell VOC images -> 2 on ~40-cell toy images (docs/toy.md "The IRN stage on the toy")
         irn_radius=3, rw_radius=2,
         cam_num_epoches=25, wood_num_epoches=25, irn_num_epoches=8,  # W-OoD gets the ID classifier's epochs, as in the paper (5 and 5)
         cluster_K=8, adv_iter=8, num_workers=2, cpu_threads=1,
         # the toy's ID classifier leans on its cues harder than an ImageNet-started one on VOC (every hard
-        # candidate fools it): the OoD push-down needs 16x the paper's 0.25 (README "The cue's reach and
+        # candidate fools it): the OoD push-down needs 16x the paper's 0.25 (docs/toy.md "The cue's reach and
         # W-OoD's weight on the toy")
         ood_coeff=4.0,
         cam_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
@@ -98,7 +98,7 @@ def build_parser():
     g = p.add_argument_group("backbone")
     g.add_argument("--pretrained", default=None,
                    help="torchvision-format ResNet-50 weights (path or URL: ImageNet, or ToyVOC's ToyNet file of "
-                        "misc/toynet.py), or 'none' (train the ID classifier from scratch)")
+                        "toy/toynet.py), or 'none' (train the ID classifier from scratch)")
     g.add_argument("--backbone_width", type=int, default=64, help="64 = the real ResNet-50")
     g.add_argument("--real_momentum", type=float, default=None,
                    help="use this SGD momentum instead of the original's 1e-4 quirk (Deviations)")

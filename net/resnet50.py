@@ -1,7 +1,7 @@
 """ResNet-50 backbone (SPEC 2.1): torchvision layout ("v1.5"), frozen BatchNorm, strides (2, 2, 2, 1).
 
 `width` scales every layer (64 = the real ResNet-50; ToyVOC's ToyNet weights are width 16, see
-misc/toynet.py). `frozen_bn=False` gives ordinary BatchNorm, used only for pre-training (misc/toynet.py)
+toy/toynet.py). `frozen_bn=False` gives ordinary BatchNorm, used only for pre-training (toy/toynet.py)
 and to train a ToyVOC ID classifier from scratch (`--pretrained none`, see README "Deviations"); every
 later step rebuilds the net with frozen BatchNorm and keeps those statistics.
 """
@@ -111,7 +111,7 @@ def imagenet_state_dict(pretrained):
                              f"--pretrained <path> (or --pretrained none for ToyVOC).") from None
     state = load_torch(path, what="torchvision-format ResNet-50 weights: torchvision's ImageNet file for "
                                   "VOC (sess/resnet50-19c8e357.pth), or for ToyVOC the ToyNet file that "
-                                  f"`python -m misc.toynet --out {path}` makes (bash_run_sample.sh --toy does it)")
+                                  f"`python -m toy.toynet --out {path}` makes (bash_run_sample.sh --toy does it)")
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 

@@ -157,7 +157,7 @@ def read_manifest(pool_root):
         return [{"path": e["path"], "hard": bool(e["hard"]), "cue": e.get("cue")} for e in manifest]
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"cannot read {path} ({type(e).__name__}: {e}); expected a JSON list of "
-                         f'{{"path", "hard", "cue"}} entries (written by misc.toyvoc)') from None
+                         f'{{"path", "hard", "cue"}} entries (written by toy.toyvoc)') from None
 
 
 def run(args):

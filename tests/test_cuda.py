@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import run_sample
-from misc import toyvoc
+from toy import toyvoc
 from misc.report import read_summary
 from misc.utils import load_npz
 from voc12.dataloader import read_index_png

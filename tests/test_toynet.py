@@ -1,8 +1,8 @@
-"""ToyNet pre-training (misc/toynet.py): scenes with independent object and stuff, labels, the saved file."""
+"""ToyNet pre-training (toy/toynet.py): scenes with independent object and stuff, labels, the saved file."""
 import numpy as np
 import torch
 
-from misc import toynet, toyvoc
+from toy import toynet, toyvoc
 from net.resnet50 import resnet50
 
 

@@ -1,4 +1,4 @@
-"""ToyVOC generator (misc/toyvoc.py): determinism, the exact VOC layout, labels, void band, cue masks,
+"""ToyVOC generator (toy/toyvoc.py): determinism, the exact VOC layout, labels, void band, cue masks,
 the OoD pool, and reading it back through voc12.dataloader like real VOC."""
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from misc import toyvoc
+from toy import toyvoc
 from misc.utils import InputError, palette_voc
 
 TINY = ["--n_train_aug", "6", "--n_train", "3", "--n_val", "2", "--n_ood_hard", "4", "--n_ood_easy", "4",
@@ -211,7 +211,7 @@ def test_refuses_foreign_folder_and_removes_stale_files(tmp_path):
     foreign.mkdir()
     (foreign / "mine.txt").write_text("not toyvoc")
     args = toyvoc.parse_args(["--out", str(foreign), "--ood_out", str(tmp_path / "ood"), *TINY])
-    with pytest.raises(InputError, match="not made by misc.toyvoc"):
+    with pytest.raises(InputError, match="not made by toy.toyvoc"):
         toyvoc.run(args)
     with pytest.raises(InputError, match="--n_train"):
         toyvoc.run(toyvoc.parse_args(["--out", str(tmp_path / "x"), "--n_train", "9", "--n_train_aug", "4"]))

@@ -1,6 +1,6 @@
 """Is the CAM on ToyVOC's cue pixels the cue's own evidence or the object's context?
 
-    python bench/cue_context.py --voc12_root Data/ToyVOC --ood_root WOoD_dataset/toy \
+    python toy/cue_context.py --voc12_root Data/ToyVOC --ood_root WOoD_dataset/toy \
         --weights sess/toy/res50_cam.pth sess/toy/res50_wood.pth [--list train --width 16]
 
 W-OoD can only remove activation that the cue texture causes by itself: it teaches the classifier that
@@ -40,7 +40,7 @@ def raw_maps(model, rgb):
 
 
 def read_cue_mask(path):
-    return read_index_png(path, "a ToyVOC cue mask (misc.toyvoc writes CueMasks/)")
+    return read_index_png(path, "a ToyVOC cue mask (toy.toyvoc writes CueMasks/)")
 
 
 def id_scores(model, voc12_root, list_spec, near, far):
@@ -70,7 +70,7 @@ def ood_scores(model, ood_root):
     with open(os.path.join(ood_root, "manifest.json")) as f:
         hard = [e for e in json.load(f) if e["hard"]]
     if hard and "cue_mask" not in hard[0]:
-        raise SystemExit(f"{ood_root}/manifest.json has no cue masks: regenerate the pool with misc.toyvoc")
+        raise SystemExit(f"{ood_root}/manifest.json has no cue masks: regenerate the pool with toy.toyvoc")
     cue_means, probs = [], []
     for e in hard:
         k = CAT_LIST.index(e["cue"])

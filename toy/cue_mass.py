@@ -1,6 +1,6 @@
 """How much of the CAM mass falls on ToyVOC's spurious-cue pixels (the problem W-OoD addresses).
 
-    python bench/cue_mass.py --voc12_root Data/ToyVOC --cam_dir result/toy/baseline_cam [--list train]
+    python toy/cue_mass.py --voc12_root Data/ToyVOC --cam_dir result/toy/baseline_cam [--list train]
 
 For every image of the list and every label class k of its CAM file, the class map `high_res[k]` (as
 make_cam / make_advcam save it, max-normalised) is split into the mass on pixels of class k's own cue

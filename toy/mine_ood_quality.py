@@ -1,6 +1,6 @@
 """Precision / recall of OoD mining against the ToyVOC manifest, for a range of thresholds.
 
-    python bench/mine_ood_quality.py --scores result/toy/ood_scores.tsv --manifest WOoD_dataset/toy/manifest.json
+    python toy/mine_ood_quality.py --scores result/toy/ood_scores.tsv --manifest WOoD_dataset/toy/manifest.json
 
 Reads the score table written by step/mine_ood.py (every candidate's max sigmoid score) and the pool's
 manifest ([{"path", "hard", "cue"}]); a candidate counts as mined when its score exceeds the threshold

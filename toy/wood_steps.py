@@ -1,6 +1,6 @@
 """Where does W-OoD fine-tuning blow up? train_wood's first steps, term by term (issue 14's diagnosis).
 
-    python bench/wood_steps.py --steps 12 -- <run_sample flags of a train_wood run>
+    python toy/wood_steps.py --steps 12 -- <run_sample flags of a train_wood run>
 
 Runs run_sample.py's train_wood exactly as the flags say (same data order, same weights: the step's own
 code), but records for each of the first --steps training steps, before the update: the three loss terms

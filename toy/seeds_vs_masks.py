@@ -1,6 +1,6 @@
 """Where do the pseudo masks gain or lose against their CAM seeds? ToyVOC's cue masks split the pixels.
 
-    python bench/seeds_vs_masks.py --voc12_root Data/ToyVOC --seed_dir result/toy/wood_advcam \
+    python toy/seeds_vs_masks.py --voc12_root Data/ToyVOC --seed_dir result/toy/wood_advcam \
         --mask_dir result/toy/pseudo_mask [--list train]
 
 The seeds are scored as eval_cam scores them (best mIoU of the toy preset's threshold sweep), the pseudo
@@ -8,7 +8,7 @@ masks as eval_sem_seg does. Then, for every label class k of an image, the share
 by the seeds (at their best threshold) and by the pseudo masks, per kind of pixel: the object (ground
 truth k), its own cue (CueMasks == k + 1) and the rest of the background. Last, both are scored again
 with every cue pixel left out (void): what the IRN stage does to objects and plain background, apart
-from the cues it cannot separate from their objects (README, "The IRN stage on the toy"); the seeds again
+from the cues it cannot separate from their objects (docs/toy.md, "The IRN stage on the toy"); the seeds again
 take their best threshold of the sweep.
 
 Last line: `seeds_miou=<a> masks_miou=<b> seeds_miou_cue_void=<c> masks_miou_cue_void=<d>` (%).

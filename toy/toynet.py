@@ -1,13 +1,13 @@
 """ToyNet: the toy world's "ImageNet" pre-training of the ResNet-50 backbone (ToyVOC has no ImageNet).
 
-    python -m misc.toynet --out sess/toy/resnet50_toynet_w16.pth --seed 0
+    python -m toy.toynet --out sess/toy/resnet50_toynet_w16.pth --seed 0
 
 Why it exists: the paper starts every network from ImageNet weights, whose features recognise objects
 and "stuff" (rails, water, sky) separately, because ImageNet shows them in every combination. A
 classifier trained from scratch on ToyVOC alone learns features that tie a cue to its object (it tells
 "rails next to a train" from "rails alone"), and W-OoD, which teaches that a cue alone is no class, then
-barely changes its CAMs (README, "The W-OoD effect on ToyVOC"). ToyNet pre-trains the backbone on
-generated scenes drawn by misc.toyvoc's painters in which the object class (or no object) and the
+barely changes its CAMs (docs/toy.md, "The W-OoD effect on ToyVOC"). ToyNet pre-trains the backbone on
+generated scenes drawn by toy.toyvoc's painters in which the object class (or no object) and the
 stuff of the top and bottom regions are drawn independently and uniformly: multi-label classification
 of the 9 toy object classes plus the 7 stuff kinds (6 cues, generic), ordinary BatchNorm, SGD with real
 momentum (an ordinary pre-training, not part of the SPEC's recipe). The images are made in memory;
@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from misc import imutils
 from misc.torchutils import gap2d, make_poly_optimizer
-from misc.toyvoc import CUE_PAINTERS, TOP_CLASSES, TOY_CLASSES, draw_visible_scene, image_size
+from toy.toyvoc import CUE_PAINTERS, TOP_CLASSES, TOY_CLASSES, draw_visible_scene, image_size
 from misc.utils import InputError, save_torch
 from net.resnet50 import ResNet50
 
-STREAM_TOYNET = 4                                     # generator salt, apart from misc.toyvoc's streams
+STREAM_TOYNET = 4                                     # generator salt, apart from toy.toyvoc's streams
 STUFF_KINDS = tuple(CUE_PAINTERS) + ("generic",)       # 6 cues + generic stuff
 LABELS = tuple(TOY_CLASSES) + STUFF_KINDS              # 9 object classes, then 7 stuff kinds
 NO_OBJECT_PROB = 0.15                                  # share of stuff-only scenes

@@ -1,7 +1,7 @@
 """Where the random walk wins or loses: seeds alone vs walked with IRN's boundary, with the edges of the
 IR labels IRN learns from, and with an oracle boundary made of the ground truth's object edges.
 
-    python bench/rw_oracle.py [driver flags, e.g. --preset toy --work_dir result/toy]
+    python toy/rw_oracle.py [driver flags, e.g. --preset toy --work_dir result/toy]
 
 For every image of --infer_list: IRN's boundary map (--irn_weights_name) and the seeds of
 --sem_seg_cam_dir (`cam ** np_power`, as make_sem_seg_labels), then three label maps, each made the way

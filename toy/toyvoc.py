@@ -1,6 +1,6 @@
 """ToyVOC: a small synthetic dataset in the exact PASCAL VOC 2012 layout, with spurious background cues.
 
-    python -m misc.toyvoc --out Data/ToyVOC --ood_out WOoD_dataset/toy --seed 0
+    python -m toy.toyvoc --out Data/ToyVOC --ood_out WOoD_dataset/toy --seed 0
 
 Why it exists: W-OoD fixes classifiers that rely on backgrounds which co-occur with a class (rails for
 train, water for boat). ToyVOC reproduces that problem on a CPU budget. Six VOC "cue classes" are
@@ -469,7 +469,7 @@ def draw_scene(rng, h, w, top_class, bottom_class, top_cue, bottom_cue, with_obj
     label (h, w) uint8 with the void band, cue map (h, w) uint8 and [(class name, visible mask)].
 
     `stuff` = (top kind, bottom kind), each a key of CUE_PAINTERS or "generic", paints the regions
-    whatever their classes (misc/toynet.py: objects on unrelated backgrounds); the cue map is then 0.
+    whatever their classes (toy/toynet.py: objects on unrelated backgrounds); the cue map is then 0.
     `cue_reach` > 0 keeps a cue only within that fraction of the long side from an object (where the object
     is, or would be in an image without objects); farther cue pixels show generic stuff."""
     # a top region holding a standing or perching object, or a bottom one holding a bird, needs room
@@ -706,7 +706,7 @@ def check_output_dir(path, marker):
     """Only write into an empty folder or one this tool made (it has `marker`)."""
     if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
         raise InputError(f"{path} exists, is not empty and has no {marker}: it was not made by "
-                         f"misc.toyvoc. Pass an empty or new folder.")
+                         f"toy.toyvoc. Pass an empty or new folder.")
 
 
 def remove_stale(folder, keep):
@@ -815,7 +815,7 @@ def run(args):
     validate(args)
     check_output_dir(args.out, MARKER)
     check_output_dir(args.ood_out, OOD_MARKER)
-    info = {"generator": "misc.toyvoc", "parameters": parameters(args), "complete": False,
+    info = {"generator": "toy.toyvoc", "parameters": parameters(args), "complete": False,
             "classes": list(TOY_CLASSES), "cue_of": CUE_OF, "distractors": list(DISTRACTOR_CLASSES)}
     save_json(os.path.join(args.out, MARKER), info)   # marks the folder as ours before writing
     info.update(write_id_set(args))

@@ -1,15 +1,15 @@
 """Does W-OoD beat the baseline CAM on ToyVOC? The CAM stage over several data + training seeds.
 
-    python bench/toy_effect.py [--seeds 0 1 2] [--bench_dir bench_out/toy_effect] [--data_args '...']
+    python toy/toy_effect.py [--seeds 0 1 2] [--bench_dir bench_out/toy_effect] [--data_args '...']
                                [-- extra run_sample flags]
 
-The backbone weights are the preset's ToyNet pre-training (misc/toynet.py), made once into
+The backbone weights are the preset's ToyNet pre-training (toy/toynet.py), made once into
 <bench_dir>/toynet_w<width>.pth and shared by the seeds, as ImageNet weights are shared by real experiments
 (pass `-- --pretrained FILE` to use another file, or `-- --pretrained none` to train from scratch).
-For each seed: generate ToyVOC (misc.toyvoc, that seed) into <bench_dir>/seed<s>/, then run the CAM stage
+For each seed: generate ToyVOC (toy.toyvoc, that seed) into <bench_dir>/seed<s>/, then run the CAM stage
 through run_sample.py with the toy preset and that seed: train_cam -> make_cam + eval_cam from the ID
 classifier (baseline) -> mine_ood -> train_wood -> make_cam + eval_cam from the W-OoD classifier. Prints per
-seed the best mIoU of both (summary.json of the run), the share of CAM mass on cue pixels (bench/cue_mass.py)
+seed the best mIoU of both (summary.json of the run), the share of CAM mass on cue pixels (toy/cue_mass.py)
 and the wall time, and last `mean_diff=<W-OoD minus baseline, mIoU points> seeds_above=<n>/<seeds> failed=<n>`
 (a seed whose run fails, e.g. a diverged fine-tuning, prints FAILED with the error and counts as not above).
 Flags after `--` go to every run_sample.py call (e.g. `-- --real_momentum 0.9`). Everything for a seed is
@@ -25,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import run_sample  # noqa: E402
-from bench.cue_mass import measure  # noqa: E402
+from toy.cue_mass import measure  # noqa: E402
 
 
 class RunFailed(RuntimeError):
@@ -66,7 +66,7 @@ def run_seed(seed, bench_dir, extra, data_args=()):
     times = {}
     start = time.time()
     if not os.path.isfile(os.path.join(voc, "toyvoc.json")):
-        sh([py, "-m", "misc.toyvoc", "--out", voc, "--ood_out", ood, "--seed", str(seed), *data_args], log)
+        sh([py, "-m", "toy.toyvoc", "--out", voc, "--ood_out", ood, "--seed", str(seed), *data_args], log)
     times["data"] = time.time() - start
     common = [py, "run_sample.py", "--preset", "toy", "--seed", str(seed), "--voc12_root", voc,
               "--ood_pool_root", ood, "--ood_pool_list", os.path.join(ood, "candidates.txt"), "--ood_root", ood,
@@ -92,7 +92,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--bench_dir", default=os.path.join("bench_out", "toy_effect"))
-    p.add_argument("--data_args", default="", help="extra misc.toyvoc flags, e.g. '--class_colour_prob 0.5'")
+    p.add_argument("--data_args", default="", help="extra toy.toyvoc flags, e.g. '--class_colour_prob 0.5'")
     a = p.parse_args(argv)
     if "--pretrained" not in extra:
         toy = run_sample.parse_args(["--preset", "toy"] + extra)   # width and threads as the runs use them
@@ -100,7 +100,7 @@ def main():
         if not os.path.isfile(toynet):
             os.makedirs(a.bench_dir, exist_ok=True)
             start = time.time()
-            sh([sys.executable, "-m", "misc.toynet", "--out", toynet, "--width", str(toy.backbone_width),
+            sh([sys.executable, "-m", "toy.toynet", "--out", toynet, "--width", str(toy.backbone_width),
                 "--threads", str(toy.cpu_threads)], os.path.join(a.bench_dir, "toynet_log.txt"))
             print(f"ToyNet pre-training: {time.time() - start:.0f} s -> {toynet}", flush=True)
         extra = ["--pretrained", toynet] + extra
