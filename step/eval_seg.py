@@ -6,7 +6,8 @@ deeplab-pytorch on that soft-max first (10 iterations; Gaussian sxy 1, compat 3;
 compat 4). Its bilateral image is, as in deeplab-pytorch, the mean-subtracted BGR float image cast with
 `astype(uint8)` (negative values wrap); args.seg_crf_real_image passes the real RGB image (Deviations).
 
-Writes `<work_dir>/<seg_name>_<split>[_crf]/<id>.png` (class values) and a palette copy in `..._color/`,
+Also predicts the first images of args.chainer_eval_set into `<work_dir>/<seg_name>_samples` (CRF ones when
+args.seg_crf), the segmentation column of samples.png. Writes `<work_dir>/<seg_name>_<split>[_crf]/<id>.png` (class values) and a palette copy in `..._color/`,
 and the summary.json entries `<seg_name>_<split>` and `<seg_name>_<split>_crf` (misc.metrics, 21 classes).
 For args.seg_test_list, when its list and images exist, palette PNGs in the VOC evaluation server's layout
 `<work_dir>/<seg_name>_test/results/VOC2012/Segmentation/comp6_test_cls/<id>.png` (CRF ones when
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from misc.imutils import read_rgb
 from misc.metrics import confusion_matrix, scores
 from misc.report import add_to_summary, summary_entry
+from misc.summary import N_SAMPLES
 from misc.utils import InputError, palette_voc, save_png
 from net.deeplab_v2 import deeplab_v2
 from step.train_seg import MEAN_BGR, N_CLASSES, read_bgr
@@ -137,6 +139,12 @@ def run(args):
         result = score_folder(folder, args.voc12_root, ids)
         add_to_summary(args.work_dir, summary_entry(name, "eval_seg", result))
         print(f"eval_seg: {name} mIoU {result['miou'] * 100:.2f} % on {len(ids)} images ({args.seg_eval_list})")
+    # the rows of the run's samples.png (misc/summary.py): the first images of the evaluated list
+    # (summary.SEG_SAMPLES is the default run's <seg_name>_samples)
+    sample_ids = load_img_name_list(args.voc12_root, args.chainer_eval_set)[:N_SAMPLES]
+    samples = os.path.join(args.work_dir, f"{args.seg_name}_samples")
+    predict_split(args, model, device, sample_ids,
+                  {"plain": samples + "_nocrf", "crf": samples} if args.seg_crf else {"plain": samples})
     test_ids = _test_ids(args)
     if test_ids is None:
         print(f"eval_seg: no {args.seg_test_list} list with its images under {args.voc12_root}: no server predictions")
