@@ -76,7 +76,7 @@ PRESETS = {
         # DeepLab-v2 on the ToyNet ResNet-50 (same head and recipe; README "Deviations"); the crop scaled as
         # the images (321 of ~500 px -> 97 of ~144 px), iterations to ~2-3 minutes on 2 cores
         seg_init_weights=os.path.join("sess", "toy", "resnet50_toynet_w16.pth"), seg_width=16,
-        seg_crop_size=97, seg_iter_max=300, seg_save_every=100,
+        seg_crop_size=97, seg_iter_max=60, seg_save_every=20,
     ),
 }
 

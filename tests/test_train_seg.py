@@ -1,4 +1,5 @@
 """train_seg (SPEC 8): augmentation, the MSC loss, parameter groups, the poly rule, resume, the finite check."""
+import os
 import random
 import shutil
 
@@ -167,3 +168,17 @@ def test_missing_labels_are_named(voc, tmp_path):
     args.seg_label_dir = str(tmp_path)
     with pytest.raises(InputError, match=r"label PNG\(s\) of --seg_train_list missing"):
         train_seg.run(args)
+
+
+def test_presets_hold_spec_8_and_the_toys_scaled_values():
+    a = run_sample.parse_args([])
+    assert (a.seg_batch_size, a.seg_iter_size, a.seg_iter_max, a.seg_lr, a.seg_momentum, a.seg_weight_decay,
+            a.seg_poly_power, a.seg_lr_step, a.seg_crop_size) == (5, 2, 20000, 2.5e-4, 0.9, 5e-4, 0.9, 10, 321)
+    assert a.seg_scales == [0.5, 0.75, 1.0, 1.25, 1.5] and a.seg_width == 64 and a.seg_train_list == "train_aug"
+    assert a.seg_label_dir == a.sem_seg_out_dir and a.seg_crf and not a.seg_crf_real_image
+    assert a.seg_weights_name == os.path.join(a.work_dir, "deeplab.pth")
+    t = run_sample.parse_args(["--preset", "toy"])
+    # the toy changes sizes and counts only; the recipe's constants stay
+    assert (t.seg_width, t.seg_crop_size, t.seg_iter_max) == (16, 97, 60)
+    assert (t.seg_lr, t.seg_batch_size, t.seg_iter_size, t.seg_lr_step) == (2.5e-4, 5, 2, 10)
+    assert t.seg_init_weights == t.pretrained
