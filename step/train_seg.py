@@ -111,7 +111,10 @@ class SegTrainStream(Dataset):
     def __getitem__(self, j):
         k = self.start + j
         img_id = self.ids[self.image_index(k)]
-        label = read_index_png(os.path.join(self.label_dir, img_id + ".png"), "a label PNG (class values)")
+        path = os.path.join(self.label_dir, img_id + ".png")
+        label = read_index_png(path, "a label PNG (class values)")
+        if ((label >= N_CLASSES) & (label != IGNORE)).any():
+            raise InputError(f"{path} has values outside 0..{N_CLASSES - 1} and {IGNORE}: not a VOC label map")
         rng = random.Random(int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0]))
         image, label = augment(read_bgr(self.voc12_root, img_id), label, rng, self.scales, self.crop_size)
         return torch.from_numpy(image), torch.from_numpy(label)
