@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from net.deeplab_v2 import RESNET101_BLOCKS, deeplab_v2  # noqa: E402
 from step.train_seg import msc_loss, param_groups  # noqa: E402
 
+RECIPE_IMAGES_PER_UPDATE = 10  # batch 5 x ITER_SIZE 2 (SPEC 8)
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,9 +50,11 @@ def main():
     for _ in range(a.iters):
         sub_batch()
     sec = (time.perf_counter() - start) / a.iters
+    per_update = RECIPE_IMAGES_PER_UPDATE * sec / a.batch  # at this sub-batch's images/s
     print(f"train_seg bench: device {device}, width {a.width}, blocks {tuple(a.blocks)}, crop {a.crop}, batch "
-          f"{a.batch}, threads {torch.get_num_threads()}: {sec:.3f} s per sub-batch, {a.batch / sec:.2f} images/s "
-          f"(one update = 2 sub-batches = {2 * sec:.2f} s; 20000 updates = {40000 * sec / 3600:.1f} h)")
+          f"{a.batch}, threads {torch.get_num_threads()}: {sec:.3f} s per sub-batch, {a.batch / sec:.3f} images/s "
+          f"(an update of {RECIPE_IMAGES_PER_UPDATE} images: {per_update:.2f} s; 20000 updates: "
+          f"{20000 * per_update / 3600:.1f} h)")
 
 
 if __name__ == "__main__":
