@@ -40,6 +40,8 @@ else
   PRETRAINED=$(flag pretrained)
   OOD_LIST=$(flag ood_list); OOD_POOL_LIST=$(flag ood_pool_list)
   [ -f "$OOD_LIST" ] || [ -f "$OOD_POOL_LIST" ] || { echo "missing: $OOD_LIST (or a candidate pool $OOD_POOL_LIST)"; missing=1; }
+  SEG_INIT=$(flag seg_init_weights)
+  [ "$SEG_INIT" = none ] || [ -f "$SEG_INIT" ] || { echo "missing: $SEG_INIT (DeepLab-v2's ImageNet init)"; missing=1; }
   if [ $missing = 1 ]; then
     cat <<EOF
 
@@ -52,6 +54,8 @@ The paper's run needs (see README "Data and weights"):
      $OOD_LIST, or a candidate pool under $(flag ood_pool_root) listed in $OOD_POOL_LIST (mine_ood).
   4. ImageNet weights: $PRETRAINED is downloaded from torchvision's URL when online
      (https://download.pytorch.org/models/resnet50-19c8e357.pth); offline, put the file there.
+  5. DeepLab-v2's ImageNet init at $SEG_INIT: deeplab-pytorch's ResNet-101 converted from DeepLab's caffe
+     init model, or torchvision's resnet101-63fe2227.pth (--seg_init_weights; README "Step 4").
 EOF
     exit 1
   fi

@@ -123,7 +123,8 @@ class SegTrainStream(Dataset):
 # ------------------------------------------------------------------------------------------ maths
 
 def resize_labels(labels, size):
-    """(B, H, W) int labels -> (B, h, w) int64, PIL nearest per map (deeplab-pytorch's resize_labels)."""
+    """(B, H, W) int labels -> (B, h, w) int64, PIL nearest per map (deeplab-pytorch's resize_labels; it
+    passes (H, W) where PIL expects (width, height), which only matters for non-square crops)."""
     return torch.from_numpy(np.stack([resize_label_nearest(l.numpy(), size) for l in labels.cpu()])
                             .astype(np.int64))
 
