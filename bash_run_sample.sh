@@ -48,6 +48,8 @@ else
   elif [ -f "$OOD_LIST" ] && [ ! -d "$OOD_ROOT" ]; then
     missing+=("README step 2 (OoD images): $OOD_LIST is there but its images are not: no folder $OOD_ROOT")
   fi
+  SEG_INIT=$(flag seg_init_weights)
+  [ "$SEG_INIT" = none ] || [ -f "$SEG_INIT" ] || missing+=("README step 4 (DeepLab-v2's ImageNet init): no $SEG_INIT; put deeplab-pytorch's ResNet-101 init (converted from DeepLab's caffe model) or torchvision's resnet101-63fe2227.pth there (--seg_init_weights)")
   if [ ${#missing[@]} -gt 0 ]; then
     echo "The paper's run cannot start (README \"Reproduce the paper on VOC\"):"
     for m in "${missing[@]}"; do echo "  - $m"; done
@@ -63,7 +65,7 @@ fi
 
 OFF=()
 for s in train_cam mine_ood train_wood make_cam eval_cam make_advcam eval_advcam cam_to_ir_label \
-         train_irn make_sem_seg eval_sem_seg; do OFF+=("--${s}_pass" false); done
+         train_irn make_sem_seg eval_sem_seg train_seg eval_seg; do OFF+=("--${s}_pass" false); done
 stage() { echo "== stage: $1"; shift; $PY run_sample.py --preset "$PRESET" "${OFF[@]}" "$@" "${EXTRA[@]}"; }
 
 # mine hard OoD from a candidate pool unless a ready list (e.g. the paper's release) is given
@@ -84,5 +86,12 @@ stage "AdvCAM seeds and IR labels on $SEED_LIST" \
 stage "IRN and pseudo masks" \
   --train_irn_pass true --make_sem_seg_pass true --eval_sem_seg_pass true \
   --train_list "$SEED_LIST" --infer_list train
+# pseudo masks for every image the segmentation network trains on (SPEC 6, 8: train_aug; the walk skips the
+# train masks it has made). The toy trains on train's masks, its only seeds (README, Deviations).
+if [ "$SEED_LIST" != train ]; then
+  stage "pseudo masks for $SEED_LIST" --make_sem_seg_pass true --infer_list "$SEED_LIST"
+fi
+stage "DeepLab-v2 on the pseudo masks" \
+  --train_seg_pass true --eval_seg_pass true --seg_train_list "$SEED_LIST"
 
 $PY -m misc.summary --work_dir "$WORK_DIR" --voc12_root "$VOC12_ROOT"

@@ -31,6 +31,8 @@ STEPS = [
     ("train_irn", "step.train_irn"),
     ("make_sem_seg", "step.make_sem_seg_labels"),    # random walk -> pseudo masks
     ("eval_sem_seg", "step.eval_sem_seg"),
+    ("train_seg", "step.train_seg"),                 # DeepLab-v2 on the pseudo masks (SPEC 8)
+    ("eval_seg", "step.eval_seg"),                   # its val / test predictions, with and without CRF
 ]
 
 CAM_EVAL_THRES_PAPER = [0.08, 0.09, 0.10, 0.11, 0.12, 0.13, 0.14]
@@ -47,6 +49,9 @@ PRESETS = {
         ood_root="WOoD_dataset/openimages/OoD_images", ood_list="WOoD_dataset/openimages/ood_list.txt",
         cam_weights_name="sess/res50_cam_orig.pth.pth", wood_weights_name="sess/res50_wood.pth",
         irn_weights_name="sess/res50_irn.pth",
+        # DeepLab-v2 ResNet-101 from ImageNet: deeplab-pytorch's converted caffe init (or torchvision's
+        # resnet101-63fe2227.pth, built with the stride in the 3x3 conv; README "Deviations")
+        seg_init_weights=os.path.join("sess", "deeplabv2_resnet101_imagenet_init.pth"),
     ),
     "toy": dict(
         voc12_root="Data/ToyVOC",
@@ -70,6 +75,10 @@ PRESETS = {
         ood_coeff=4.0,
         cam_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
         select_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
+        # DeepLab-v2 on the ToyNet ResNet-50 (same head and recipe; README "Deviations"); the crop scaled as
+        # the images (321 of ~500 px -> 97 of ~144 px), iterations to ~2-3 minutes on 2 cores
+        seg_init_weights=os.path.join("sess", "toy", "resnet50_toynet_w16.pth"), seg_width=16,
+        seg_crop_size=97, seg_iter_max=60, seg_save_every=20,
     ),
 }
 
@@ -196,6 +205,35 @@ def build_parser():
     g.add_argument("--np_power", type=float, default=1.5)
     g.add_argument("--sem_seg_out_dir", default=None, help="default <work_dir>/pseudo_mask")
 
+    g = p.add_argument_group("train_seg / eval_seg: DeepLab-v2 on the pseudo masks (SPEC 8)")
+    g.add_argument("--seg_name", default="deeplab",
+                   help="names this segmentation run: <work_dir>/<name>.pth, <name>_<split> folders, summary rows")
+    g.add_argument("--seg_label_dir", default=None, help="training labels <id>.png (default --sem_seg_out_dir; "
+                                                         "<voc12_root>/SegmentationClassAug: the upper bound)")
+    g.add_argument("--seg_train_list", default="train_aug")
+    g.add_argument("--seg_init_weights", default=None,
+                   help="ImageNet init: deeplab-pytorch layout or torchvision ResNet file, or 'none'")
+    g.add_argument("--seg_width", type=int, default=64, help="64 = the real ResNet-101")
+    g.add_argument("--seg_weights_name", default=None, help="trained weights (default <work_dir>/<seg_name>.pth)")
+    g.add_argument("--seg_batch_size", type=int, default=5)
+    g.add_argument("--seg_iter_size", type=int, default=2, help="sub-batches accumulated per update")
+    g.add_argument("--seg_iter_max", type=int, default=20000, help="updates")
+    g.add_argument("--seg_lr", type=float, default=2.5e-4)
+    g.add_argument("--seg_momentum", type=float, default=0.9)
+    g.add_argument("--seg_weight_decay", type=float, default=5e-4)
+    g.add_argument("--seg_poly_power", type=float, default=0.9)
+    g.add_argument("--seg_lr_step", type=int, default=10, help="the poly lr is updated every this many updates")
+    g.add_argument("--seg_crop_size", type=int, default=321)
+    g.add_argument("--seg_scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5])
+    g.add_argument("--seg_save_every", type=int, default=1000, help="checkpoint every this many updates")
+    g.add_argument("--seg_eval_list", default="val", help="scored with and without CRF")
+    g.add_argument("--seg_test_list", default="test",
+                   help="predicted in the VOC server layout when its list and images exist")
+    g.add_argument("--seg_crf", type=B, default=True, help="also the dense CRF of deeplab-pytorch")
+    g.add_argument("--seg_crf_real_image", type=B, default=False,
+                   help="CRF on the real RGB image instead of deeplab-pytorch's mean-subtracted BGR cast to "
+                        "uint8 (README \"Deviations\")")
+
     g = p.add_argument_group("steps to run")
     for name, _ in STEPS:
         g.add_argument(f"--{name}_pass", type=B, default=False, metavar="true|false")
@@ -226,6 +264,8 @@ def resolve_defaults(args):
     args.ir_label_out_dir = args.ir_label_out_dir or os.path.join(w, "ir_label")
     args.sem_seg_out_dir = args.sem_seg_out_dir or os.path.join(w, "pseudo_mask")
     args.ood_list = args.ood_list or os.path.join(w, "ood_list.txt")
+    args.seg_label_dir = args.seg_label_dir or args.sem_seg_out_dir
+    args.seg_weights_name = args.seg_weights_name or os.path.join(w, args.seg_name + ".pth")
 
 
 def seed_everything(seed):

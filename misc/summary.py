@@ -20,8 +20,13 @@ PAPER_VOC = {
     "wood_cam": ("W-OoD CAM seed", 53.3),
     "wood_advcam": ("AdvCAM seed from the W-OoD classifier", 59.0),
     "pseudo_mask": ("pseudo mask after IRN (W-OoD)", 72.0),
+    # SPEC 7, 8: DeepLab-v2 on the pseudo masks, VOC val (test 69.9; AdvCAM's pipeline 68.1 / 68.0)
+    "deeplab_val": ("DeepLab-v2 on the pseudo masks, val; test 69.9", 69.8),
+    "deeplab_val_crf": ("DeepLab-v2 on the pseudo masks, val, CRF; test 69.9", 69.8),
 }
-ORDER = ["baseline_cam", "wood_cam", "wood_advcam", "pseudo_mask"]
+ORDER = ["baseline_cam", "wood_cam", "wood_advcam", "pseudo_mask", "deeplab_val", "deeplab_val_crf"]
+N_SAMPLES = 8  # rows of samples.png: the first images of the evaluated list
+SEG_SAMPLES = "deeplab_samples"  # eval_seg's predictions for those rows
 
 
 def _fmt(x):
@@ -89,7 +94,7 @@ def samples_picture(voc12_root, ids, columns, tile=128):
     return canvas
 
 
-def write_report(work_dir, voc12_root, eval_list="train", n_samples=8, dirs=None):
+def write_report(work_dir, voc12_root, eval_list="train", n_samples=N_SAMPLES, dirs=None):
     """Write summary.md and samples.png into work_dir; return the Markdown text."""
     from voc12.dataloader import load_gt, load_img_name_list
     from misc.imutils import read_rgb
@@ -99,7 +104,7 @@ def write_report(work_dir, voc12_root, eval_list="train", n_samples=8, dirs=None
         with open(tmp, "w") as f:
             f.write(text)
     by_name = {e["name"]: e for e in entries}
-    dirs = dirs or {n: os.path.join(work_dir, n) for n in ORDER}
+    dirs = dirs or {n: os.path.join(work_dir, n) for n in ORDER + [SEG_SAMPLES]}
     ids = load_img_name_list(voc12_root, eval_list)[:n_samples]
 
     def cam_column(name):
@@ -110,14 +115,17 @@ def write_report(work_dir, voc12_root, eval_list="train", n_samples=8, dirs=None
             return _colour(_cam_label(dirs[name], img_id, by_name[name]["threshold"]))
         return fn
 
-    def mask_column(img_id):
-        path = os.path.join(dirs["pseudo_mask"], img_id + ".png")
-        return _colour(np.asarray(Image.open(path))) if os.path.isfile(path) else None
+    def png_column(name):
+        def fn(img_id):
+            path = os.path.join(dirs.get(name, ""), img_id + ".png")
+            return _colour(np.asarray(Image.open(path))) if os.path.isfile(path) else None
+        return fn
 
     columns = [("image", lambda i: read_rgb(os.path.join(voc12_root, "JPEGImages", i + ".jpg"))),
                ("ground truth", lambda i: _colour(load_gt(voc12_root, i))),
                ("baseline CAM", cam_column("baseline_cam")), ("W-OoD CAM", cam_column("wood_cam")),
-               ("AdvCAM", cam_column("wood_advcam")), ("pseudo mask", mask_column)]
+               ("AdvCAM", cam_column("wood_advcam")), ("pseudo mask", png_column("pseudo_mask")),
+               ("DeepLab-v2", png_column(SEG_SAMPLES))]
     picture = samples_picture(voc12_root, ids, columns)
     with atomic_path(os.path.join(work_dir, "samples.png")) as tmp:
         picture.save(tmp, format="PNG")

@@ -2,7 +2,7 @@
 `python -m pytest tests/test_cuda.py`.
 
 - `bash bash_run_sample.sh --toy --device cuda` runs every step on the GPU and writes the report with its
-  four entries.
+  six entries (DeepLab-v2's two included).
 - From that run's weights, make_cam, make_advcam and the random walk on the CPU give the GPU run's outputs
   up to float rounding (TF32 is off by default): the same code on both devices.
 """
@@ -35,6 +35,8 @@ def tiny_flags(root):
             "--ood_root", str(ood), "--pretrained", "none", "--backbone_width", "8",
             "--cam_weights_name", str(sess / "cam.pth"), "--wood_weights_name", str(sess / "wood.pth"),
             "--irn_weights_name", str(sess / "irn.pth"), "--num_workers", "0",
+            "--seg_init_weights", "none", "--seg_width", "8", "--seg_iter_max", "2", "--seg_save_every", "1",
+            "--seg_crop_size", "33",
             "--cam_batch_size", "4", "--cam_num_epoches", "1", "--cam_resize_long", "48", "80",
             "--cam_crop_size", "64", "--cam_scales", "1.0", "0.5",
             "--mine_th", "0.0", "--wood_batch_size", "4", "--ood_batch_size", "4", "--wood_num_epoches", "1",
@@ -59,7 +61,8 @@ def gpu_run(tmp_path_factory):
 def test_the_whole_toy_pipeline_runs_on_the_gpu(gpu_run):
     _, _, work = gpu_run
     entries = {e["name"]: e for e in read_summary(str(work))}
-    assert set(entries) >= {"baseline_cam", "wood_cam", "wood_advcam", "pseudo_mask"}
+    assert set(entries) >= {"baseline_cam", "wood_cam", "wood_advcam", "pseudo_mask", "deeplab_val",
+                            "deeplab_val_crf"}
     assert all(0 <= e["miou"] <= 100 for e in entries.values())
     config = json.loads(sorted(work.glob("config-*.json"))[-1].read_text())
     assert config["device"] == "cuda"

@@ -44,8 +44,9 @@ def test_paper_run_without_data_names_each_readme_step(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 1
     lines = [line for line in done.stdout.splitlines() if line.startswith("  - ")]
-    assert len(lines) == 3, done.stdout
+    assert len(lines) == 4, done.stdout
     assert "README step 1 (PASCAL VOC 2012)" in lines[0] and str(tmp_path / "VOC2012") in lines[0]
     assert "JPEGImages Annotations SegmentationClass ImageSets/Segmentation" in lines[0]
     assert "README step 1 (SBD" in lines[1] and "SegmentationClassAug" in lines[1]
     assert "README step 2 (OoD images)" in lines[2] and str(tmp_path / "ood_list.txt") in lines[2]
+    assert "README step 4 (DeepLab-v2's ImageNet init)" in lines[3] and "--seg_init_weights" in lines[3]

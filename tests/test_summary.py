@@ -28,6 +28,8 @@ def test_markdown_table_orders_entries_keeps_thresholds_and_cites_the_paper():
     assert rows[0].split(" | ")[2:4] == ["0.15", "17.2"] and "48.3" in rows[0]
     assert rows[1].split(" | ")[2] == "-" and "about 72.0" in rows[1]
     assert "| background | 40.0 | 50.0 | 1.0 |" in text and "| c1 |" not in text
+    seg = summary.summary_markdown([entry("deeplab_val_crf", "eval_seg", 40.0, None, 60.0)])
+    assert "| deeplab_val_crf | eval_seg |" in seg and "69.8" in seg and "test 69.9" in seg
 
 
 def test_report_writes_summary_md_and_a_samples_grid(tmp_path):
@@ -41,12 +43,16 @@ def test_report_writes_summary_md_and_a_samples_grid(tmp_path):
         add_to_summary(str(work), entry(name, "eval_cam", 20.0, thr, 30.0))
     for img_id in voc["train"][:2]:
         save_png(str(work / "pseudo_mask" / f"{img_id}.png"), voc["gt"][img_id])
+    save_png(str(work / summary.SEG_SAMPLES / f"{voc['train'][0]}.png"), voc["gt"][voc["train"][0]])
     text = summary.write_report(str(work), voc["root"], n_samples=8)
     assert (work / "summary.md").read_text() == text and "| wood_cam | eval_cam | 0.2 |" in text
     grid = np.asarray(Image.open(work / "samples.png"))
-    assert grid.shape == (16 + 128 * 3, 128 * 6, 3)   # 3 train images, 6 columns
+    assert grid.shape == (16 + 128 * 3, 128 * 7, 3)   # 3 train images, 7 columns
     # a CAM of 1 everywhere beats every threshold: the baseline column shows the class colour, no background
     tile = grid[16:16 + 48, 2 * 128:2 * 128 + 48]
     assert not (tile == 0).all(axis=-1).any()
     assert (grid[16 + 2 * 128:, 5 * 128:] == 255).all()   # the third image has no pseudo mask: blank
     assert os.path.isfile(work / "summary.json")
+    # the segmentation network's column: the first image's prediction, blank for the others
+    assert np.array_equal(grid[16:16 + 48, 6 * 128:6 * 128 + 48], summary._colour(voc["gt"][voc["train"][0]]))
+    assert (grid[16 + 128:, 6 * 128:] == 255).all()

@@ -1,0 +1,155 @@
+"""DeepLab-v2 predictions and their mIoU (SPEC 8), deeplab-pytorch's `main.py test` and `main.py crf`.
+
+Per image of args.seg_eval_list (val): the whole image (BGR, mean-subtracted, no resize, batch 1) -> MSC max
+logits -> bilinear up-sampling to (H, W) -> soft-max -> arg-max, and with args.seg_crf the dense CRF of
+deeplab-pytorch on that soft-max first (10 iterations; Gaussian sxy 1, compat 3; bilateral sxy 67, srgb 3,
+compat 4). Its bilateral image is, as in deeplab-pytorch, the mean-subtracted BGR float image cast with
+`astype(uint8)` (negative values wrap); args.seg_crf_real_image passes the real RGB image (Deviations).
+
+Also predicts the first images of args.chainer_eval_set into `<work_dir>/<seg_name>_samples` (CRF ones when
+args.seg_crf), the segmentation column of samples.png. Writes `<work_dir>/<seg_name>_<split>[_crf]/<id>.png` (class values) and a palette copy in `..._color/`,
+and the summary.json entries `<seg_name>_<split>` and `<seg_name>_<split>_crf` (misc.metrics, 21 classes).
+For args.seg_test_list, when its list and images exist, palette PNGs in the VOC evaluation server's layout
+`<work_dir>/<seg_name>_test/results/VOC2012/Segmentation/comp6_test_cls/<id>.png` (CRF ones when
+args.seg_crf), ready to zip and upload. Resumable: images whose PNGs exist are read back, not recomputed.
+"""
+import os
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import torch
+import torch.nn.functional as F
+from pydensecrf.utils import unary_from_softmax
+from tqdm import tqdm
+
+from misc.imutils import read_rgb
+from misc.metrics import confusion_matrix, scores
+from misc.report import add_to_summary, summary_entry
+from misc.summary import N_SAMPLES
+from misc.utils import InputError, palette_voc, save_png
+from net.deeplab_v2 import deeplab_v2
+from step.train_seg import MEAN_BGR, N_CLASSES, read_bgr
+from voc12.dataloader import img_path, load_gt, load_img_name_list, read_index_png, require_images
+
+# deeplab-pytorch configs/voc12.yaml CRF section
+CRF_ITER_MAX = 10
+CRF_POS_W, CRF_POS_XY_STD = 3, 1
+CRF_BI_W, CRF_BI_XY_STD, CRF_BI_RGB_STD = 4, 67, 3
+SERVER_SUBDIR = os.path.join("results", "VOC2012", "Segmentation", "comp6_test_cls")
+
+
+def quirk_crf_image(image_minus_mean):
+    """deeplab-pytorch's CRF image: the mean-subtracted BGR float image `.astype(np.uint8)` (HWC).
+
+    numpy's float -> uint8 cast truncates toward zero and wraps modulo 256 on x86 (-3.7 -> 253,
+    -120.2 -> 136); written out explicitly so it does not depend on the platform.
+    """
+    return (np.trunc(image_minus_mean).astype(np.int64) % 256).astype(np.uint8)
+
+
+def dense_crf(image, prob):
+    """deeplab-pytorch's DenseCRF: unary -log(prob), Gaussian and bilateral terms, 10 iterations.
+
+    image (H, W, 3) uint8, prob (C, H, W) float32 soft-max -> (C, H, W) float32 marginals.
+    """
+    c, h, w = prob.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(prob)))
+    d.addPairwiseGaussian(sxy=CRF_POS_XY_STD, compat=CRF_POS_W)
+    d.addPairwiseBilateral(sxy=CRF_BI_XY_STD, srgb=CRF_BI_RGB_STD, rgbim=np.ascontiguousarray(image),
+                           compat=CRF_BI_W)
+    return np.array(d.inference(CRF_ITER_MAX), dtype=np.float32).reshape((c, h, w))
+
+
+@torch.inference_mode()
+def predict_prob(model, image_minus_mean, device):
+    """(C, H, W) float32 soft-max of the MSC max logits up-sampled (bilinear) to the image size."""
+    h, w = image_minus_mean.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(image_minus_mean.transpose(2, 0, 1)))[None].to(device)
+    logits = F.interpolate(model(x), size=(h, w), mode="bilinear", align_corners=False)
+    return F.softmax(logits, dim=1)[0].cpu().numpy()
+
+
+def out_dir(args, split, crf):
+    return os.path.join(args.work_dir, f"{args.seg_name}_{split}" + ("_crf" if crf else ""))
+
+
+def server_dir(args):
+    return os.path.join(args.work_dir, f"{args.seg_name}_test", SERVER_SUBDIR)
+
+
+def write_server_png(folder, img_id, pred):
+    """The VOC server's format: a palette PNG of class values <folder>/<id>.png."""
+    save_png(os.path.join(folder, img_id + ".png"), pred, palette=palette_voc())
+
+
+def _test_ids(args):
+    """The test ids when their list and images exist, else None (VOC's test images are a separate download)."""
+    spec = args.seg_test_list  # a split name means ImageSets/Segmentation/<name>.txt (test is no VOC12 split here)
+    listed = os.path.join(args.voc12_root, "ImageSets", "Segmentation", spec + ".txt")
+    if not os.path.isfile(spec) and os.path.isfile(listed):
+        spec = listed
+    try:
+        ids = load_img_name_list(args.voc12_root, spec)
+    except InputError:
+        return None
+    return ids if all(os.path.isfile(img_path(args.voc12_root, i)) for i in ids) else None
+
+
+def predict_split(args, model, device, ids, folders):
+    """Write the predictions of `ids` into folders {"plain": dir, "crf": dir or None, "server": dir or None}."""
+    palette = palette_voc()
+    todo = [i for i in ids if not all(os.path.isfile(os.path.join(f, i + ".png")) for f in folders.values() if f)]
+    for img_id in tqdm(todo, desc=f"eval_seg: {os.path.basename(folders['plain'])}", dynamic_ncols=True):
+        image = read_bgr(args.voc12_root, img_id) - np.asarray(MEAN_BGR, np.float32)
+        prob = predict_prob(model, image, device)
+        preds = {"plain": np.argmax(prob, axis=0).astype(np.uint8)}
+        if folders.get("crf"):
+            crf_image = read_rgb(img_path(args.voc12_root, img_id)) if args.seg_crf_real_image \
+                else quirk_crf_image(image)
+            preds["crf"] = np.argmax(dense_crf(crf_image, prob), axis=0).astype(np.uint8)
+        for kind in ("plain", "crf"):
+            if kind in preds:
+                save_png(os.path.join(folders[kind] + "_color", img_id + ".png"), preds[kind], palette=palette)
+                save_png(os.path.join(folders[kind], img_id + ".png"), preds[kind])
+        if folders.get("server"):
+            write_server_png(folders["server"], img_id, preds.get("crf", preds["plain"]))
+
+
+def score_folder(folder, voc12_root, ids):
+    confusion = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
+    for img_id in ids:
+        pred = read_index_png(os.path.join(folder, img_id + ".png"), "a prediction PNG of eval_seg")
+        confusion += confusion_matrix([pred], [load_gt(voc12_root, img_id)], n_class=N_CLASSES)
+    return scores(confusion)
+
+
+def run(args):
+    device = torch.device(args.device)
+    model = deeplab_v2(N_CLASSES, args.seg_weights_name, width=args.seg_width).to(device).eval()
+    ids = load_img_name_list(args.voc12_root, args.seg_eval_list)
+    require_images(args.voc12_root, ids)
+    split = os.path.splitext(os.path.basename(args.seg_eval_list))[0]
+    folders = {"plain": out_dir(args, split, False), "crf": out_dir(args, split, True) if args.seg_crf else None}
+    predict_split(args, model, device, ids, folders)
+    for kind, folder in folders.items():
+        if folder is None:
+            continue
+        name = os.path.basename(folder)
+        result = score_folder(folder, args.voc12_root, ids)
+        add_to_summary(args.work_dir, summary_entry(name, "eval_seg", result))
+        print(f"eval_seg: {name} mIoU {result['miou'] * 100:.2f} % on {len(ids)} images ({args.seg_eval_list})")
+    # the rows of the run's samples.png (misc/summary.py): the first images of the evaluated list
+    # (summary.SEG_SAMPLES is the default run's <seg_name>_samples)
+    sample_ids = load_img_name_list(args.voc12_root, args.chainer_eval_set)[:N_SAMPLES]
+    samples = os.path.join(args.work_dir, f"{args.seg_name}_samples")
+    predict_split(args, model, device, sample_ids,
+                  {"plain": samples + "_nocrf", "crf": samples} if args.seg_crf else {"plain": samples})
+    test_ids = _test_ids(args)
+    if test_ids is None:
+        print(f"eval_seg: no {args.seg_test_list} list with its images under {args.voc12_root}: no server predictions")
+        return
+    folders = {"plain": out_dir(args, "test", False), "crf": out_dir(args, "test", True) if args.seg_crf else None,
+               "server": server_dir(args)}
+    predict_split(args, model, device, test_ids, folders)
+    print(f"eval_seg: {len(test_ids)} test predictions in {server_dir(args)} (zip `results/` for the server)")
