@@ -22,7 +22,6 @@ pending images are split over that many processes (one torch thread each); on a 
 with --num_workers data-loader workers. When a batch does not fit in the device's memory the classes
 are split into smaller batches (same numbers).
 """
-import contextlib
 import os
 
 import numpy as np
@@ -35,7 +34,7 @@ from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
 from misc.utils import pending, save_npz
 from net.resnet50_cam import Net, load_classifier
-from step.make_cam import scale_maps_to_cam, strided_size
+from step.make_cam import precision_context, scale_maps_to_cam, strided_size
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
 GRAD_EPS = 1e-12        # the original's epsilon of both normalisations (Grad-CAM count, input gradient)
@@ -65,16 +64,6 @@ def adv_iterations(adv_iter, reduced):
 def accumulation_multiplier(adv_iter):
     """The original multiplies every accumulated map by 2 when adv_iter > 10, else by 1."""
     return 2.0 if adv_iter > 10 else 1.0
-
-
-def precision_context(device, amp):
-    """Autocast to bfloat16 for --amp bf16 (forward passes only; the rule's reductions stay float32),
-    else nothing."""
-    if amp in (None, "none"):
-        return contextlib.nullcontext()
-    if amp != "bf16":
-        raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def advcam_regions(model, pairs, classes, n_iter, ad_coeff, step_size, score_th, amp="none",
