@@ -189,6 +189,14 @@ def advcam_args(fake_voc, tmp_path):
         AD_stepsize=0.08, score_th=0.5, advcam_out_dir=str(tmp_path / "advcam"))
 
 
+def assert_same_files(dir_a, dir_b, ids, atol):
+    for img_id in ids:
+        a, b = (load_npz(os.path.join(d, img_id + ".npz")) for d in (dir_a, dir_b))
+        assert a["keys"].tolist() == b["keys"].tolist()
+        for key in ("cam", "high_res"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=atol)
+
+
 def test_run_writes_make_cam_format_resumes_and_pool_equals_single(advcam_args, fake_voc, tmp_path):
     args = advcam_args
     make_advcam.run(args)
@@ -211,20 +219,11 @@ def test_run_writes_make_cam_format_resumes_and_pool_equals_single(advcam_args, 
     # several images of one size per batch (fake VOC's images are all 64 px) give the same files
     batched = argparse.Namespace(**{**vars(args), "advcam_batch": 3, "advcam_out_dir": str(tmp_path / "batched")})
     make_advcam.run(batched)
-    for img_id in fake_voc["train"]:
-        a = load_npz(os.path.join(args.advcam_out_dir, img_id + ".npz"))
-        b = load_npz(os.path.join(batched.advcam_out_dir, img_id + ".npz"))
-        assert a["keys"].tolist() == b["keys"].tolist()
-        for key in ("cam", "high_res"):
-            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=FP32_ATOL)
+    assert_same_files(args.advcam_out_dir, batched.advcam_out_dir, fake_voc["train"], atol=FP32_ATOL)
     # two CPU worker processes give the same files
     pooled = argparse.Namespace(**{**vars(args), "num_workers": 2, "advcam_out_dir": str(tmp_path / "pooled")})
     make_advcam.run(pooled)
-    for img_id in fake_voc["train"]:
-        a = load_npz(os.path.join(args.advcam_out_dir, img_id + ".npz"))
-        b = load_npz(os.path.join(pooled.advcam_out_dir, img_id + ".npz"))
-        for key in a:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7)
+    assert_same_files(args.advcam_out_dir, pooled.advcam_out_dir, fake_voc["train"], atol=1e-7)
 
 
 def test_run_missing_weights(advcam_args):
