@@ -15,11 +15,15 @@ positions [1, 0, 2, 3], the second scale of the list (0.5) is processed first an
 iterations (`adv_iterations`); the others follow in list order. Every accumulated map is multiplied
 by 2 when adv_iter > 10 (as released; only visible through make_cam's 1e-5).
 
-Batching (no change of numbers, tests/test_advcam.py): the label classes of an image are one batch of
-2 * n_labels images per scale; every reduction of the rule (positive count of G, max of the region,
-max |g|, min and max of x) is taken per class-run. Resumable; on CPU with --num_workers > 1 the
-pending images are split over that many processes (one torch thread each); on a GPU one process
-with --num_workers data-loader workers. When a batch does not fit in the device's memory the classes
+Batching (no change of numbers, tests/test_advcam.py against the literal loop of bench/advcam_speed.py):
+at each scale the class-runs (one label class of one image, its flip pair) of all the label classes of
+--advcam_batch images of one size are one batch; every reduction of the rule (positive count of G, max
+of the region, max |g_x|, min and max of x) is taken per class-run, and nothing leaves the device inside
+the iterations. Images wait in same-size buckets (misc/batching.py): padding would change values.
+--amp bf16 runs the forward passes under bfloat16 autocast (optional; float32 is the default),
+--channels_last feeds the net NHWC tensors. Resumable; on CPU with --num_workers > 1 the pending images
+are split over that many processes (one torch thread each, one image at a time); on a GPU one process
+with --num_workers data-loader workers. When a batch does not fit in the device's memory the class-runs
 are split into smaller batches (same numbers).
 """
 import os

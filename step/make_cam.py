@@ -3,7 +3,10 @@
 Output `<cam_out_dir>/<id>.npz`: `keys` (int64, ascending label classes), `cam` (n_keys, strided size)
 and `high_res` (n_keys, H, W), float32, each class map divided by its own maximum + 1e-5.
 
-Batching: one forward per scale takes the image and its flip together (the MSF pair). Resumable: ids
+Batching: one forward per scale takes the image and its flip together (the MSF pair), and with
+--cam_batch N the pairs of up to N images of one size (same-size buckets, misc/batching.py: padding
+would change values); the same CAMs (tests). --amp bf16 runs the forwards under bfloat16 autocast
+(optional; float32 is the default), --channels_last feeds the net NHWC tensors. Resumable: ids
 whose .npz exists are skipped. On CPU with --num_workers > 1 the pending ids are shared by that many
 processes, this one included (one torch thread each), and with --cpu_jit (default) each runs the net as
 a frozen TorchScript graph (misc.torchutils.frozen_cpu_graph: the same maps up to float rounding); on a
