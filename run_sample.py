@@ -125,7 +125,7 @@ def build_parser():
     g.add_argument("--cpu_jit", type=B, default=True,
                    help="on CPU, run make_cam's net as a frozen TorchScript graph (BN folded, fused ReLU): "
                         "the same CAMs up to float rounding, faster (bench/make_cam.py); not with --amp bf16")
-    g.add_argument("--cam_batch", type=int, default=1,
+    g.add_argument("--make_cam_batch", type=int, default=1,
                    help="images of one size that share make_cam's forward per scale (on a GPU; same CAMs)")
 
     g = p.add_argument_group("mine_ood (SPEC 4.2)")

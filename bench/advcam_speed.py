@@ -218,8 +218,8 @@ def main():
             print(f"[run {r + 1}/{a.repeats}] {name}: {seconds:.2f} s, {len(packs) / seconds:.3f} images/s", flush=True)
 
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    print(f"\n{len(packs)} images {a.size[0]}x{a.size[1]}, {n_runs} class-runs, width {a.width}, adv_iter {a.adv_iter}, "
-          f"scales {a.scales}, {a.threads} thread(s), device {device}{gpu}; median of {a.repeats} run(s):")
+    print(f"\n{len(packs)} images {a.size[0]}x{a.size[1]}, {n_runs} class-runs, width {a.width}, "
+          f"adv_iter {a.adv_iter}, scales {a.scales}, {a.threads} thread(s), device {device}{gpu}; median of {a.repeats} run(s):")
     literal = statistics.median(rates["literal loop"])
     literal_miou = best_miou(outputs["literal loop"], packs, info["gt"], thresholds)
     print(f"literal loop: {literal:.3f} images/s, best mIoU {literal_miou:.2f}")

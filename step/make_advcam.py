@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
-from misc.utils import pending, save_npz
+from misc.utils import InputError, pending, save_npz
 from net.resnet50_cam import Net, load_classifier
 from step.make_cam import precision_context, scale_maps_to_cam, strided_size
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
@@ -252,8 +252,10 @@ def _run_single(args, model, dataset):
     device = torch.device(args.device)
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    groups = same_size_groups(loader, lambda pack: (int(pack["size"][0]), int(pack["size"][1])),
-                              max(1, getattr(args, "advcam_batch", 1)))
+    batch = getattr(args, "advcam_batch", 1)
+    if batch < 1:
+        raise InputError(f"--advcam_batch must be at least 1 (images per batch), got {batch}")
+    groups = same_size_groups(loader, lambda pack: (int(pack["size"][0]), int(pack["size"][1])), batch)
     with tqdm(total=len(dataset), desc="make_advcam", unit="img") as bar:
         for packs in groups:
             _write_group(model, packs, args)

@@ -4,7 +4,7 @@ Output `<cam_out_dir>/<id>.npz`: `keys` (int64, ascending label classes), `cam` 
 and `high_res` (n_keys, H, W), float32, each class map divided by its own maximum + 1e-5.
 
 Batching: one forward per scale takes the image and its flip together (the MSF pair), and with
---cam_batch N the pairs of up to N images of one size (same-size buckets, misc/batching.py: padding
+--make_cam_batch N the pairs of up to N images of one size (same-size buckets, misc/batching.py: padding
 would change values); the same CAMs (tests). --amp bf16 runs the forwards under bfloat16 autocast
 (optional; float32 is the default), --channels_last feeds the net NHWC tensors. Resumable: ids
 whose .npz exists are skipped. On CPU with --num_workers > 1 the pending ids are shared by that many
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
 from misc.torchutils import frozen_cpu_graph
-from misc.utils import pending, save_npz
+from misc.utils import InputError, pending, save_npz
 from net.resnet50_cam import CAM, load_classifier
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
@@ -210,7 +210,10 @@ def _run_single(args, model, dataset):
     # batch_size=None: one image per item, its MSF list kept as is
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=loader_workers,
                         pin_memory=device.type == "cuda")
-    groups = same_size_groups(loader, lambda pack: _size(pack["size"]), max(1, getattr(args, "cam_batch", 1)))
+    batch = getattr(args, "make_cam_batch", 1)
+    if batch < 1:
+        raise InputError(f"--make_cam_batch must be at least 1 (images per forward), got {batch}")
+    groups = same_size_groups(loader, lambda pack: _size(pack["size"]), batch)
     with torch.inference_mode(), tqdm(total=len(dataset), desc="make_cam", unit="img") as bar:
         for packs in groups:
             _write_group(model, packs, args, device)

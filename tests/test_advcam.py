@@ -226,6 +226,12 @@ def test_run_writes_make_cam_format_resumes_and_pool_equals_single(advcam_args, 
     assert_same_files(args.advcam_out_dir, pooled.advcam_out_dir, fake_voc["train"], atol=1e-7)
 
 
+def test_run_rejects_a_batch_below_one(advcam_args):
+    advcam_args.advcam_batch = 0
+    with pytest.raises(InputError, match="--advcam_batch must be at least 1"):
+        make_advcam.run(advcam_args)
+
+
 def test_run_missing_weights(advcam_args):
     advcam_args.make_advcam_from = "id"
     with pytest.raises(InputError, match="missing_cam.pth.*train_cam"):

@@ -242,14 +242,14 @@ CAM_BF16_ATOL = 0.02   # --amp bf16 vs float32, largest difference of a normalis
 
 
 def test_batched_images_channels_last_and_bf16_equal_the_literal_loop(setup, tmp_path):
-    """--cam_batch 3 on two 48x64 images and one 37x61 (bucketed by size), also NHWC, equal the literal
+    """--make_cam_batch 3 on two 48x64 images and one 37x61 (bucketed by size), also NHWC, equal the literal
     loop; --amp bf16 within CAM_BF16_ATOL of it."""
     _, model, args = setup
     info = make_fake_voc(tmp_path / "VOC2012", n_train=3, n_val=1, n_aug_only=0, sizes=[(48, 64), (48, 64), (37, 61)],
                          seed=5)
     literal = {i: literal_cam(model, info["root"], i, info["labels"][i], SCALES) for i in info["train"]}
     for name, amp, channels_last in [("batched", "none", False), ("nhwc", "none", True), ("bf16", "bf16", False)]:
-        run_args = argparse.Namespace(**{**vars(args), "voc12_root": info["root"], "cam_batch": 3, "amp": amp,
+        run_args = argparse.Namespace(**{**vars(args), "voc12_root": info["root"], "make_cam_batch": 3, "amp": amp,
                                          "channels_last": channels_last, "cam_out_dir": str(tmp_path / name)})
         make_cam.run(run_args)
         worst = 0.0
