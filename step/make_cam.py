@@ -131,7 +131,7 @@ def group_cam(model, images, device, amp="none", channels_last=False):
         pairs = torch.stack([torch.as_tensor(msf[position]) for msf, _, _ in images]).to(device)
         with precision_context(device, amp):
             maps = pair_maps(model, pairs, channels_last)
-        for out, k, m in zip(per_image, keys_dev, maps.float()):
+        for out, k, m in zip(per_image, keys_dev, maps.to(pairs.dtype)):  # bf16 -> the input's float
             out.append(m[k])
     (size,) = sizes
     results = []
