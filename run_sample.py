@@ -97,6 +97,11 @@ def build_parser():
                         "workers or other jobs on a small CPU, 1 avoids oversubscription (10x measured)")
     g.add_argument("--allow_tf32", type=B, default=False,
                    help="let CUDA convolutions use TF32 (faster on Ampere+, but shifts CAM values ~1e-3)")
+    g.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="make_cam / make_advcam forward passes under bfloat16 autocast (reductions stay float32; "
+                        "CAMs within the tolerance of README's Deviations, bench/advcam_speed.py)")
+    g.add_argument("--channels_last", type=B, default=False,
+                   help="make_cam / make_advcam feed the net NHWC tensors (faster convolutions on GPUs, same maths)")
     g.add_argument("--voc12_root", default=None, help="VOC2012 devkit folder + SegmentationClassAug")
     g.add_argument("--train_list", default="train_aug", help="split name (train/val/train_aug) or list file")
     g.add_argument("--val_list", default="val")
@@ -130,7 +135,9 @@ def build_parser():
     g.add_argument("--cam_eval_thres", type=float, nargs="+", default=CAM_EVAL_THRES_PAPER)
     g.add_argument("--cpu_jit", type=B, default=True,
                    help="on CPU, run make_cam's net as a frozen TorchScript graph (BN folded, fused ReLU): "
-                        "the same CAMs up to float rounding, faster (bench/make_cam.py)")
+                        "the same CAMs up to float rounding, faster (bench/make_cam.py); not with --amp bf16")
+    g.add_argument("--make_cam_batch", type=int, default=1,
+                   help="images of one size that share make_cam's forward per scale (on a GPU; same CAMs)")
 
     g = p.add_argument_group("mine_ood (SPEC 4.2)")
     g.add_argument("--ood_pool_root", default=None, help="folder of candidate OoD images")
@@ -178,6 +185,8 @@ def build_parser():
     g.add_argument("--AD_coeff", type=float, default=7.0)
     g.add_argument("--AD_stepsize", type=float, default=0.08)
     g.add_argument("--score_th", type=float, default=0.5, help="mask threshold of the AD regulariser")
+    g.add_argument("--advcam_batch", type=int, default=1,
+                   help="images of one size whose class-runs share a batch (on a GPU; same numbers, more memory)")
     g.add_argument("--advcam_out_dir", default=None, help="default <work_dir>/wood_advcam")
 
     g = p.add_argument_group("cam_to_ir_label (SPEC 5.1)")

@@ -5,7 +5,9 @@
 #   2. the whole toy run on the GPU (its own work_dir and weights, so the CPU run's results stay; ToyVOC
 #      and the ToyNet weights are made if missing, as bash_run_sample.sh --toy does);
 #   3. bench/make_cam.py --device cuda on ToyVOC's 120 train images (width 16) and on 40 VOC-sized
-#      375x500 images with the real ResNet-50 width (64).
+#      375x500 images with the real ResNet-50 width (64), also with --make_cam_batch 8 (fp32, bf16);
+#   4. bench/advcam_speed.py --voc_sized --device cuda: the literal SPEC 4.6 loop against make_advcam
+#      with 1, 4 and 8 images per batch, float32 and --amp bf16, channels_last (issue 18's figures).
 # Logs and the run's report go to $OUT (default result/gpu_check). Extra arguments go to the toy run.
 #   bash bench/gpu.sh [--num_workers 8]
 set -uo pipefail
@@ -33,3 +35,13 @@ cp result/toy_cuda/summary.md result/toy_cuda/summary.json result/toy_cuda/sampl
     --width 16 --num_workers 0 4 --repeats 3
   timeout 150 $PY bench/make_cam.py --device cuda --size 375 500 --n 40 --width 64 --num_workers 0 4 --repeats 3
 } 2>&1 | tee "$DEST/bench_make_cam.log"
+{
+  timeout 150 $PY bench/make_cam.py --device cuda --size 375 500 --n 40 --width 64 --num_workers 4 --repeats 3 \
+    --make_cam_batch 8 --channels_last
+  timeout 150 $PY bench/make_cam.py --device cuda --size 375 500 --n 40 --width 64 --num_workers 4 --repeats 3 \
+    --make_cam_batch 8 --channels_last --amp bf16
+} 2>&1 | tee -a "$DEST/bench_make_cam.log"
+
+# the literal loop runs ~56 forward+backward passes per class per scale one flip pair at a time: 4 images
+timeout 420 $PY bench/advcam_speed.py --voc_sized --device cuda --n 4 --batch 1 4 --amp none bf16 \
+  --channels_last 2>&1 | tee "$DEST/bench_advcam_speed.log"

@@ -2,6 +2,8 @@
 
     python bench/make_cam.py [--n 32 --size 160 --width 16 --num_workers 1 2 --repeats 3 --device cpu]
     python bench/make_cam.py --voc12_root Data/VOC2012 --n 50 --width 64 --device cuda
+    python bench/make_cam.py --size 375 500 --n 40 --width 64 --device cuda --num_workers 4 \
+        --make_cam_batch 8 --amp bf16
 
 Both sides use the same weights (random init, frozen BatchNorm with random running statistics, saved
 to a .pth and loaded the way make_cam loads it) and the same images (N fake VOC images of --size px made
@@ -117,7 +119,8 @@ def step_args(a, work, voc12_root, infer_list, weights, out_dir, num_workers):
         "--preset", "toy", "--work_dir", work, "--voc12_root", voc12_root, "--infer_list", infer_list,
         "--make_cam_from", "id", "--cam_weights_name", weights, "--backbone_width", str(a.width),
         "--device", a.device, "--num_workers", str(num_workers), "--cam_out_dir", out_dir,
-        "--cpu_jit", a.cpu_jit])
+        "--cpu_jit", a.cpu_jit, "--make_cam_batch", str(a.make_cam_batch), "--amp", a.amp,
+        "--channels_last", str(a.channels_last)])
 
 
 def compare(dir_a, dir_b, ids):
@@ -189,6 +192,10 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process (see above)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cpu_jit", default="true", help="make_cam's --cpu_jit (frozen TorchScript graph on CPU)")
+    p.add_argument("--make_cam_batch", type=int, default=1,
+                   help="make_cam's --make_cam_batch (images of one size per forward)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="make_cam's --amp")
+    p.add_argument("--channels_last", action="store_true", help="make_cam's --channels_last")
     p.add_argument("--voc12_root", default=None, help="real VOC folder instead of fake images")
     p.add_argument("--infer_list", default="train", help="with --voc12_root: split name or list file")
     p.add_argument("--seed", type=int, default=0)
@@ -250,8 +257,10 @@ def main():
         literal = statistics.median(rates["literal loop"])
         diffs = {}
         scales = step_args(a, work, voc12_root, infer_list, weights, work, 1).cam_scales
-        print(f"\n{len(ids)} images, width {a.width}, scales {scales}, "
-              f"{a.threads} thread(s) in this process, device {device}; median of {a.repeats} interleaved runs:")
+        gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+        print(f"\n{len(ids)} images, width {a.width}, scales {scales}, make_cam_batch {a.make_cam_batch}, amp {a.amp}, "
+              f"channels_last {a.channels_last}, "
+              f"{a.threads} thread(s) in this process, device {device}{gpu}; median of {a.repeats} interleaved runs:")
         for name, n in variants:
             rate = statistics.median(rates[name])
             line = (f"{name}: {rate:.2f} images/s (runs: {', '.join(f'{x:.2f}' for x in rates[name])}), "

@@ -15,11 +15,15 @@ positions [1, 0, 2, 3], the second scale of the list (0.5) is processed first an
 iterations (`adv_iterations`); the others follow in list order. Every accumulated map is multiplied
 by 2 when adv_iter > 10 (as released; only visible through make_cam's 1e-5).
 
-Batching (no change of numbers, tests/test_advcam.py): the label classes of an image are one batch of
-2 * n_labels images per scale; every reduction of the rule (positive count of G, max of the region,
-max |g|, min and max of x) is taken per class-run. Resumable; on CPU with --num_workers > 1 the
-pending images are split over that many processes (one torch thread each); on a GPU one process
-with --num_workers data-loader workers. When a batch does not fit in the device's memory the classes
+Batching (no change of numbers, tests/test_advcam.py against the literal loop of bench/advcam_speed.py):
+at each scale the class-runs (one label class of one image, its flip pair) of all the label classes of
+--advcam_batch images of one size are one batch; every reduction of the rule (positive count of G, max
+of the region, max |g_x|, min and max of x) is taken per class-run, and nothing leaves the device inside
+the iterations. Images wait in same-size buckets (misc/batching.py): padding would change values.
+--amp bf16 runs the forward passes under bfloat16 autocast (optional; float32 is the default),
+--channels_last feeds the net NHWC tensors. Resumable; on CPU with --num_workers > 1 the pending images
+are split over that many processes (one torch thread each, one image at a time); on a GPU one process
+with --num_workers data-loader workers. When a batch does not fit in the device's memory the class-runs
 are split into smaller batches (same numbers).
 """
 import os
@@ -30,10 +34,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
-from misc.utils import pending, save_npz
+from misc.utils import InputError, pending, save_npz
 from net.resnet50_cam import Net, load_classifier
-from step.make_cam import scale_maps_to_cam, strided_size
+from step.make_cam import precision_context, scale_maps_to_cam, strided_size
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
 GRAD_EPS = 1e-12        # the original's epsilon of both normalisations (Grad-CAM count, input gradient)
@@ -65,33 +70,46 @@ def accumulation_multiplier(adv_iter):
     return 2.0 if adv_iter > 10 else 1.0
 
 
-def advcam_regions(model, pair, classes, n_iter, ad_coeff, step_size, score_th):
-    """Accumulated anti-adversarial Grad-CAM regions (n, h', w') of `classes` (n,) for one MSF pair.
+def advcam_regions(model, pairs, classes, n_iter, ad_coeff, step_size, score_th, amp="none",
+                   channels_last=False):
+    """Accumulated anti-adversarial Grad-CAM regions (n, h', w') of n class-runs.
 
-    pair: (2, 3, h, w) = [x, flip_w(x)]; model: the CAM net (stage4_features, classifier.weight),
-    frozen BN. All classes run at once: a batch of n class-runs of 2 images each; every reduction
-    of the per-class rule is taken per run (dims 1.. of a (n, ...) view), so each run's numbers are
-    those of running it alone.
+    pairs: (n, 2, 3, h, w), the MSF pair [x, flip_w(x)] of each run (runs of several images of one
+    size may share a batch), or one (2, 3, h, w) pair shared by all runs; classes: (n,) the class of
+    each run. model: the CAM net (stage4_features, classifier.weight), frozen BN, so batch elements
+    never interact. Every reduction of the per-class rule (positive count of G, max of the region,
+    max |g_x|, min and max of x) is taken per run (dims 1.. of a (n, ...) view), so each run's numbers
+    are those of running it alone. Everything stays on the pairs' device: no host round trip inside
+    the iterations. `amp="bf16"` runs the forward passes under bfloat16 autocast (the reductions and x
+    itself stay float32); `channels_last` feeds the net NHWC tensors (same maths).
     """
+    device = pairs.device
+    classes = torch.as_tensor(classes, dtype=torch.long).to(device)
     n_runs = len(classes)
-    classes = torch.as_tensor(classes, dtype=torch.long, device=pair.device)
-    runs = torch.arange(n_runs, device=pair.device)
+    if pairs.dim() == 4:
+        pairs = pairs.unsqueeze(0).expand(n_runs, *pairs.shape)
+    if pairs.shape[:2] != (n_runs, 2):
+        raise ValueError(f"pairs {tuple(pairs.shape)} do not match {n_runs} class-runs")
+    runs = torch.arange(n_runs, device=device)
     weight = model.classifier.weight
-    x = pair.detach().unsqueeze(0).repeat(n_runs, 1, 1, 1, 1)              # (n, 2, 3, h, w)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = pairs.detach().clone()                                             # (n, 2, 3, h, w)
     init, acc = None, None
     for i in range(n_iter):
         x.requires_grad_(True)
-        feat = model.stage4_features(x.flatten(0, 1))                      # (2n, K, h', w')
-        relu_maps = F.relu(F.conv2d(feat, weight))                           # (2n, C, h', w')
+        with precision_context(device, amp):
+            feat = model.stage4_features(x.flatten(0, 1).contiguous(memory_format=layout))  # (2n, K, h', w')
+            maps = F.conv2d(feat, weight)                                    # (2n, C, h', w')
         n_chan, hp, wp = feat.shape[1:]
-        relu_maps = relu_maps.view(n_runs, 2, -1, hp, wp)
+        relu_maps = F.relu(maps.to(x.dtype)).reshape(n_runs, 2, -1, hp, wp)
         # Grad-CAM: G = d(sum_b v[b, c]) / d feat, weights w = sum_pixels G / (#positive entries of G + eps)
         class_score = relu_maps[runs, :, classes].sum()                     # sum over runs of sum_b v[b, c]
         grad_feat, = torch.autograd.grad(class_score, feat, retain_graph=True)
-        grad_feat = grad_feat.view(n_runs, 2, n_chan, hp, wp)
+        grad_feat = grad_feat.to(x.dtype).reshape(n_runs, 2, n_chan, hp, wp)
         positives = (grad_feat > 0).flatten(1).sum(1).to(grad_feat.dtype) + GRAD_EPS   # (n,)
         channel_w = grad_feat.sum(dim=(3, 4)) / positives[:, None, None]    # (n, 2, K), constants
-        regions = F.relu((feat.view(n_runs, 2, n_chan, hp, wp) * channel_w[..., None, None]).sum(2))
+        feat_runs = feat.to(x.dtype).reshape(n_runs, 2, n_chan, hp, wp)
+        regions = F.relu((feat_runs * channel_w[..., None, None]).sum(2))
         region = regions[:, 0] + regions[:, 1].flip(-1)                     # (n, h', w')
         if i == 0:
             init = region.detach()
@@ -105,47 +123,84 @@ def advcam_regions(model, pair, classes, n_iter, ad_coeff, step_size, score_th):
         loss = (loss_cls - ad_coeff * loss_ad).sum()
         grad_x, = torch.autograd.grad(loss, x)
         with torch.no_grad():
-            flat_x, flat_g = x.flatten(1), grad_x.flatten(1)
+            flat_x, flat_g = x.flatten(1), grad_x.reshape(n_runs, -1)
             step = step_size * flat_g / (flat_g.abs().amax(1, keepdim=True) + GRAD_EPS)
             lo, hi = flat_x.amin(1, keepdim=True), flat_x.amax(1, keepdim=True)
             x = torch.maximum(torch.minimum(flat_x + step, hi), lo).view_as(x).detach()
     return acc
 
 
-def advcam_regions_fitting_memory(model, pair, classes, *rule):
-    """`advcam_regions`, splitting the classes into smaller batches when the device runs out of memory
+def advcam_regions_fitting_memory(model, pairs, classes, *rule, **options):
+    """`advcam_regions`, splitting the class-runs into smaller batches when the device runs out of memory
     (class-runs are independent: the numbers are the same)."""
     try:
-        return advcam_regions(model, pair, classes, *rule)
+        return advcam_regions(model, pairs, classes, *rule, **options)
     except torch.OutOfMemoryError:
         if len(classes) == 1:
             raise
-    if pair.device.type == "cuda":
+    if pairs.device.type == "cuda":
         torch.cuda.empty_cache()
     half = len(classes) // 2
-    return torch.cat([advcam_regions_fitting_memory(model, pair, classes[:half], *rule),
-                      advcam_regions_fitting_memory(model, pair, classes[half:], *rule)])
+    shared = pairs.dim() == 4  # one pair for all runs
+    return torch.cat([
+        advcam_regions_fitting_memory(model, pairs if shared else pairs[:half], classes[:half], *rule, **options),
+        advcam_regions_fitting_memory(model, pairs if shared else pairs[half:], classes[half:], *rule, **options)])
+
+
+def label_keys(label):
+    """The label classes of an image, ascending: int64 (n,)."""
+    return torch.nonzero(torch.as_tensor(label).reshape(-1))[:, 0]
+
+
+def no_label_arrays(size):
+    height, width = size
+    return {"keys": np.zeros(0, np.int64), "cam": np.zeros((0,) + strided_size((height, width)), np.float32),
+            "high_res": np.zeros((0, height, width), np.float32)}
+
+
+def group_advcam(model, images, args):
+    """The saved arrays (dict(keys, cam, high_res), make_cam's format) of several images of one size.
+
+    images: list of (msf_imgs, (H, W), label) with equal (H, W), hence equal sizes at every scale. At
+    each scale the class-runs of all the images form one batch (split further only on out-of-memory);
+    no padding is involved, so every run's numbers are those of running it alone.
+    """
+    device = next(model.parameters()).device
+    sizes = {(int(size[0]), int(size[1])) for _, size, _ in images}
+    if len(sizes) != 1:
+        raise ValueError(f"group_advcam needs images of one size, got {sorted(sizes)}")
+    keys = [label_keys(label) for _, _, label in images]
+    counts = [len(k) for k in keys]
+    owner = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts)).to(device)
+    classes = torch.cat(keys)
+    multiplier = accumulation_multiplier(args.adv_iter)
+    scale_maps = [[] for _ in images]
+    if len(classes):
+        n_scales = len(images[0][0])
+        for position in scale_processing_order(n_scales):
+            n_iter = adv_iterations(args.adv_iter, position == REDUCED_SCALE_POSITION)
+            pairs = torch.stack([torch.as_tensor(msf[position]) for msf, _, _ in images]).to(device)
+            acc = advcam_regions_fitting_memory(model, pairs[owner], classes, n_iter, args.AD_coeff,
+                                                args.AD_stepsize, args.score_th,
+                                                amp=getattr(args, "amp", "none"),
+                                                channels_last=getattr(args, "channels_last", False))
+            for maps, part in zip(scale_maps, acc.split(counts)):
+                maps.append(part * multiplier)
+    (size,) = sizes
+    results = []
+    for k, maps in zip(keys, scale_maps):
+        if len(k) == 0:
+            results.append(no_label_arrays(size))
+            continue
+        cam, high_res = scale_maps_to_cam(maps, size)
+        results.append({"keys": k.numpy().astype(np.int64), "cam": cam.float().cpu().numpy(),
+                        "high_res": high_res.float().cpu().numpy()})
+    return results
 
 
 def image_advcam(model, msf_imgs, size, label, args):
     """The saved arrays of one image: dict(keys, cam, high_res) in make_cam's format."""
-    device = next(model.parameters()).device
-    keys = torch.nonzero(torch.as_tensor(label).reshape(-1))[:, 0]
-    height, width = int(size[0]), int(size[1])
-    if len(keys) == 0:
-        return {"keys": np.zeros(0, np.int64), "cam": np.zeros((0,) + strided_size((height, width)), np.float32),
-                "high_res": np.zeros((0, height, width), np.float32)}
-    multiplier = accumulation_multiplier(args.adv_iter)
-    scale_maps = []
-    for position in scale_processing_order(len(msf_imgs)):
-        n_iter = adv_iterations(args.adv_iter, position == REDUCED_SCALE_POSITION)
-        pair = torch.as_tensor(msf_imgs[position]).to(device)
-        acc = advcam_regions_fitting_memory(model, pair, keys, n_iter, args.AD_coeff, args.AD_stepsize,
-                                            args.score_th)
-        scale_maps.append(acc * multiplier)
-    cam, high_res = scale_maps_to_cam(scale_maps, (height, width))
-    return {"keys": keys.numpy().astype(np.int64), "cam": cam.float().cpu().numpy(),
-            "high_res": high_res.float().cpu().numpy()}
+    return group_advcam(model, [(msf_imgs, size, label)], args)[0]
 
 
 # -------------------------------------------------------------------------------------------- I/O
@@ -166,12 +221,15 @@ def load_attacked_model(args, weights, hint):
     model = load_classifier(args, weights, cls=Net, hint=hint)
     for p in model.parameters():  # only input gradients are needed
         p.requires_grad_(False)
+    if getattr(args, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def _write_pack(model, pack, args):
-    arrays = image_advcam(model, pack["img"], pack["size"], pack["label"], args)
-    save_npz(advcam_path(args.advcam_out_dir, pack["name"]), **arrays)
+def _write_group(model, packs, args):
+    images = [(pack["img"], pack["size"], pack["label"]) for pack in packs]
+    for pack, arrays in zip(packs, group_advcam(model, images, args)):
+        save_npz(advcam_path(args.advcam_out_dir, pack["name"]), **arrays)
 
 
 def _setup_worker(args, weights, hint, ids):
@@ -182,7 +240,7 @@ def _setup_worker(args, weights, hint, ids):
 
 
 def _work_item(state, index):
-    _write_pack(state["model"], state["dataset"][index], state["args"])
+    _write_group(state["model"], [state["dataset"][index]], state["args"])
 
 
 def _run_pool(args, weights, hint, ids):
@@ -194,8 +252,14 @@ def _run_single(args, model, dataset):
     device = torch.device(args.device)
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    for pack in tqdm(loader, desc="make_advcam", unit="img"):
-        _write_pack(model, pack, args)
+    batch = getattr(args, "advcam_batch", 1)
+    if batch < 1:
+        raise InputError(f"--advcam_batch must be at least 1 (images per batch), got {batch}")
+    groups = same_size_groups(loader, lambda pack: (int(pack["size"][0]), int(pack["size"][1])), batch)
+    with tqdm(total=len(dataset), desc="make_advcam", unit="img") as bar:
+        for packs in groups:
+            _write_group(model, packs, args)
+            bar.update(len(packs))
 
 
 def run(args):
@@ -205,7 +269,9 @@ def run(args):
     order = [args.cam_scales[p] for p in scale_processing_order(len(args.cam_scales))]
     print(f"make_advcam: {len(ids)} images of {args.infer_list}, {len(ids) - len(todo)} already in "
           f"{args.advcam_out_dir}, weights {weights}, scales {order} (in this order), adv_iter {args.adv_iter}, "
-          f"AD_coeff {args.AD_coeff}, AD_stepsize {args.AD_stepsize}, score_th {args.score_th}")
+          f"AD_coeff {args.AD_coeff}, AD_stepsize {args.AD_stepsize}, score_th {args.score_th}, "
+          f"{getattr(args, 'advcam_batch', 1)} image(s) of one size per batch, amp {getattr(args, 'amp', 'none')}"
+          f"{', channels_last' if getattr(args, 'channels_last', False) else ''}")
     if not todo:
         return
     # built here first so that bad weights or missing images fail at once, with a clear message

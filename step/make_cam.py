@@ -3,7 +3,10 @@
 Output `<cam_out_dir>/<id>.npz`: `keys` (int64, ascending label classes), `cam` (n_keys, strided size)
 and `high_res` (n_keys, H, W), float32, each class map divided by its own maximum + 1e-5.
 
-Batching: one forward per scale takes the image and its flip together (the MSF pair). Resumable: ids
+Batching: one forward per scale takes the image and its flip together (the MSF pair), and with
+--make_cam_batch N the pairs of up to N images of one size (same-size buckets, misc/batching.py: padding
+would change values); the same CAMs (tests). --amp bf16 runs the forwards under bfloat16 autocast
+(optional; float32 is the default), --channels_last feeds the net NHWC tensors. Resumable: ids
 whose .npz exists are skipped. On CPU with --num_workers > 1 the pending ids are shared by that many
 processes, this one included (one torch thread each), and with --cpu_jit (default) each runs the net as
 a frozen TorchScript graph (misc.torchutils.frozen_cpu_graph: the same maps up to float rounding); on a
@@ -13,6 +16,7 @@ The maths is in pure functions reused elsewhere: `cam_maps` (W-OoD's checkpoint 
 CAMs in memory), `accumulate_scale_maps` / `normalise_per_class` (AdvCAM builds its output from its
 own per-scale maps).
 """
+import contextlib
 import os
 
 import numpy as np
@@ -21,9 +25,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
 from misc.torchutils import frozen_cpu_graph
-from misc.utils import pending, save_npz
+from misc.utils import InputError, pending, save_npz
 from net.resnet50_cam import CAM, load_classifier
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
@@ -89,20 +94,60 @@ def cam_maps(model, msf_imgs, size):
     return accumulate_scale_maps(outputs, size)
 
 
+def precision_context(device, amp):
+    """Autocast to bfloat16 for --amp bf16 (forward passes; what follows them stays float32), else nothing."""
+    if amp in (None, "none"):
+        return contextlib.nullcontext()
+    if amp != "bf16":
+        raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def pair_maps(model, pairs, channels_last=False):
+    """CAM forward of several MSF pairs of one size, (B, 2, 3, h, w) -> (B, 20, h', w'): one batch for the
+    eager net (`forward_pairs`), one pair at a time for a frozen graph (traced on single pairs)."""
+    if not hasattr(model, "forward_pairs"):
+        return torch.stack([model(pair) for pair in pairs])
+    if channels_last:  # NHWC storage; flatten(0, 1) inside forward_pairs keeps it
+        pairs = pairs.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return model.forward_pairs(pairs)
+
+
+def group_cam(model, images, device, amp="none", channels_last=False):
+    """The saved arrays (dict(keys, cam, high_res), numpy int64 / float32 / float32) of several images of
+    one size: images is a list of (msf_imgs, (H, W), label); one forward per scale for all of them.
+
+    Only the label classes are resized: bilinear resizing works channel by channel, so this equals
+    resizing all 20 maps and keeping the label classes afterwards, at a fraction of the cost. With
+    `amp="bf16"` the forwards run under bfloat16 autocast; resizes and normalisation stay float32.
+    """
+    sizes = {(int(size[0]), int(size[1])) for _, size, _ in images}
+    if len(sizes) != 1:
+        raise ValueError(f"group_cam needs images of one size, got {sorted(sizes)}")
+    keys = [torch.nonzero(torch.as_tensor(label).reshape(-1))[:, 0] for _, _, label in images]
+    keys_dev = [k.to(device) for k in keys]
+    per_image = [[] for _ in images]
+    for position in range(len(images[0][0])):
+        pairs = torch.stack([torch.as_tensor(msf[position]) for msf, _, _ in images]).to(device)
+        with precision_context(device, amp):
+            maps = pair_maps(model, pairs, channels_last)
+        for out, k, m in zip(per_image, keys_dev, maps.to(pairs.dtype)):  # bf16 -> the input's float
+            out.append(m[k])
+    (size,) = sizes
+    results = []
+    for k, outputs in zip(keys, per_image):
+        cam, high_res = scale_maps_to_cam(outputs, size)
+        results.append({"keys": k.cpu().numpy().astype(np.int64), "cam": cam.float().cpu().numpy(),
+                        "high_res": high_res.float().cpu().numpy()})
+    return results
+
+
 def image_cam(model, msf_imgs, size, label, device):
     """The saved arrays of one image: dict(keys, cam, high_res) as numpy (int64, float32, float32).
 
     `model` is a CAM net on `device` (or its frozen graph, which has no parameters to ask).
-
-    Only the label classes are resized: bilinear resizing works channel by channel, so this equals
-    resizing all 20 maps and keeping the label classes afterwards, at a fraction of the cost.
     """
-    keys = torch.nonzero(torch.as_tensor(label).reshape(-1))[:, 0]
-    keys_dev = keys.to(device)
-    outputs = [model(torch.as_tensor(pair).to(device))[keys_dev] for pair in msf_imgs]
-    cam, high_res = scale_maps_to_cam(outputs, size)
-    return {"keys": keys.cpu().numpy().astype(np.int64), "cam": cam.float().cpu().numpy(),
-            "high_res": high_res.float().cpu().numpy()}
+    return group_cam(model, [(msf_imgs, size, label)], device)[0]
 
 
 # -------------------------------------------------------------------------------------------- I/O
@@ -115,9 +160,11 @@ def _size(pack_size):
     return int(pack_size[0]), int(pack_size[1])
 
 
-def _write_pack(model, pack, out_dir, device):
-    arrays = image_cam(model, pack["img"], _size(pack["size"]), pack["label"], device)
-    save_npz(cam_path(out_dir, pack["name"]), **arrays)
+def _write_group(model, packs, args, device):
+    images = [(pack["img"], _size(pack["size"]), pack["label"]) for pack in packs]
+    arrays = group_cam(model, images, device, getattr(args, "amp", "none"), getattr(args, "channels_last", False))
+    for pack, saved in zip(packs, arrays):
+        save_npz(cam_path(args.cam_out_dir, pack["name"]), **saved)
 
 
 def weights_of(args):
@@ -128,9 +175,12 @@ def weights_of(args):
 
 
 def for_inference(args, model):
-    """What make_cam runs: on CPU with --cpu_jit the CAM net's frozen TorchScript graph, else the net."""
-    if args.cpu_jit and torch.device(args.device).type == "cpu":
+    """What make_cam runs: on CPU with --cpu_jit (and no --amp) the CAM net's frozen TorchScript graph,
+    else the net (NHWC weights with --channels_last)."""
+    if args.cpu_jit and torch.device(args.device).type == "cpu" and getattr(args, "amp", "none") == "none":
         return frozen_cpu_graph(model, torch.zeros(2, 3, 64, 64)) or model
+    if getattr(args, "channels_last", False):
+        return model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -139,12 +189,12 @@ def _setup_worker(args, weights, hint, ids):
     torch.set_num_threads(1)
     return dict(model=for_inference(args, load_classifier(args, weights, cls=CAM, hint=hint)),
                 dataset=VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales),
-                out_dir=args.cam_out_dir)
+                args=args)
 
 
 def _work_item(state, index):
     with torch.inference_mode():
-        _write_pack(state["model"], state["dataset"][index], state["out_dir"], torch.device("cpu"))
+        _write_group(state["model"], [state["dataset"][index]], state["args"], torch.device("cpu"))
 
 
 def _run_pool(args, weights, hint, ids):
@@ -160,9 +210,14 @@ def _run_single(args, model, dataset):
     # batch_size=None: one image per item, its MSF list kept as is
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=loader_workers,
                         pin_memory=device.type == "cuda")
-    with torch.inference_mode():
-        for pack in tqdm(loader, desc="make_cam", unit="img"):
-            _write_pack(model, pack, args.cam_out_dir, device)
+    batch = getattr(args, "make_cam_batch", 1)
+    if batch < 1:
+        raise InputError(f"--make_cam_batch must be at least 1 (images per forward), got {batch}")
+    groups = same_size_groups(loader, lambda pack: _size(pack["size"]), batch)
+    with torch.inference_mode(), tqdm(total=len(dataset), desc="make_cam", unit="img") as bar:
+        for packs in groups:
+            _write_group(model, packs, args, device)
+            bar.update(len(packs))
 
 
 def run(args):

@@ -1,4 +1,5 @@
-"""step/make_advcam.py: the batched AdvCAM equals a literal per-class, per-scale loop of SPEC 4.6."""
+"""step/make_advcam.py: the batched AdvCAM equals the literal per-image, per-scale, per-class loop of SPEC 4.6
+(bench/advcam_speed.py's `literal_image_advcam`, the baseline of the speed bench)."""
 import argparse
 import os
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.advcam_speed import literal_class_run, literal_image_advcam
+from misc.batching import same_size_groups
 from misc.utils import InputError, load_npz, save_torch
 from net.resnet50_cam import Net
 from step import make_advcam
@@ -23,38 +26,6 @@ def test_iteration_rules():
     assert scale_processing_order(4) == [1, 0, 2, 3] and scale_processing_order(1) == [0]
     assert scale_processing_order(2) == [1, 0]
     assert accumulation_multiplier(27) == 2.0 and accumulation_multiplier(10) == 1.0
-
-
-def literal_advcam(model, pair, c, n_iter, ad_coeff, step_size, score_th):
-    """SPEC 4.6 to the letter for one class and one MSF pair (2, 3, h, w): the accumulated region."""
-    x = pair.clone()
-    acc, init = None, None
-    n_classes = model.classifier.weight.shape[0]
-    for i in range(n_iter):
-        x = x.detach().requires_grad_(True)
-        feat = model.stage4_features(x)
-        A = F.conv2d(feat, model.classifier.weight)
-        v = F.relu(A).sum(dim=(2, 3))
-        G, = torch.autograd.grad(v[0, c] + v[1, c], feat, retain_graph=True)
-        w = (G.sum(dim=(2, 3)) / ((G > 0).sum() + 1e-12)).detach()
-        R = F.relu((feat * w[:, :, None, None]).sum(dim=1, keepdim=True))
-        region = R[0, 0] + R[1, 0].flip(-1)
-        if i == 0:
-            init = region.detach()
-        acc = region.detach() if acc is None else acc + region.detach()
-        g = F.relu(A).mean(dim=(2, 3))
-        others = 0
-        for b in range(2):
-            for k in range(n_classes):
-                if k != c:
-                    others = others + g[b, k]
-        loss_cls = g[0, c] + g[1, c] - others
-        mask = region / region.max() > score_th
-        loss_ad = ((region - init).abs() * mask).sum()
-        loss = loss_cls - ad_coeff * loss_ad
-        gx, = torch.autograd.grad(loss, x)
-        x = torch.clamp(x + step_size * gx / (gx.abs().max() + 1e-12), x.min().item(), x.max().item()).detach()
-    return acc, init
 
 
 @pytest.fixture(scope="module")
@@ -77,32 +48,10 @@ def test_batched_regions_equal_literal_loop(model64):
     got = advcam_regions(model64, pair, classes, n_iter, 7.0, 0.08, 0.5)
     assert got.shape == (3, 4, 4)
     for row, c in enumerate(classes):
-        expected, init = literal_advcam(model64, pair, c, n_iter, 7.0, 0.08, 0.5)
+        expected, init = literal_class_run(model64, pair, c, n_iter, 7.0, 0.08, 0.5)
         assert (expected > 0).any()
         assert not torch.allclose(expected, n_iter * init)  # the image moved: later regions differ
         torch.testing.assert_close(got[row], expected, rtol=1e-10, atol=1e-12)
-
-
-def literal_image_advcam(model, msf_imgs, size, keys, adv_iter, ad_coeff, step_size, score_th):
-    """Per scale in the order 0.5, 1.0, 1.5 of the list (1.0, 0.5, 1.5), per class, then SPEC 4.4."""
-    height, width = size
-    strided = ((height - 1) // 4 + 1, (width - 1) // 4 + 1)
-    up = (((height - 1) // 16 + 1) * 16, ((width - 1) // 16 + 1) * 16)
-    cam, high_res = 0, 0
-    for position in (1, 0, 2):
-        if position == 1:
-            n_iter = adv_iter // 2 if adv_iter > 10 else (adv_iter if adv_iter < 6 else 5)
-        else:
-            n_iter = adv_iter
-        maps = torch.stack([literal_advcam(model, msf_imgs[position], c, n_iter, ad_coeff, step_size, score_th)[0]
-                            for c in keys])
-        maps = maps * (2 if adv_iter > 10 else 1)
-        cam = cam + F.interpolate(maps[None], strided, mode="bilinear", align_corners=False)[0]
-        high_res = high_res + F.interpolate(maps[None], up, mode="bilinear", align_corners=False)[0]
-    high_res = high_res[:, :height, :width]
-    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-5)
-    high_res = high_res / (high_res.amax(dim=(1, 2), keepdim=True) + 1e-5)
-    return cam, high_res
 
 
 def test_image_advcam_equals_literal_per_class_per_scale(model64):
@@ -126,6 +75,101 @@ def test_image_advcam_equals_literal_per_class_per_scale(model64):
     assert got["high_res"].max() > 0.99  # normalised per class, non-trivial
 
 
+def msf_of(img, scales):
+    """MSF pairs of a (3, H, W) image (bilinear rescale: the test only needs some pyramid)."""
+    height, width = img.shape[1:]
+    return [pair_of(img if s == 1.0 else F.interpolate(img[None], (round(height * s), round(width * s)),
+                                                       mode="bilinear", align_corners=False)[0])
+            for s in scales]
+
+
+def labels_of(*class_lists):
+    out = []
+    for classes in class_lists:
+        label = torch.zeros(20)
+        label[classes] = 1
+        out.append(label)
+    return out
+
+
+def test_several_images_in_one_batch_equal_the_literal_loop(model64):
+    """Three images of one size (one without labels) in one batch: each equals its literal loop."""
+    g = torch.Generator().manual_seed(4)
+    size = (40, 52)
+    imgs = [torch.randn(3, *size, generator=g, dtype=torch.float64) for _ in range(3)]
+    labels = labels_of([1, 9], [], [9])
+    args = argparse.Namespace(adv_iter=7, AD_coeff=7.0, AD_stepsize=0.08, score_th=0.5, amp="none",
+                              channels_last=False)
+    got = make_advcam.group_advcam(model64, [(msf_of(img, (1.0, 0.5)), size, label)
+                                             for img, label in zip(imgs, labels)], args)
+    assert [r["keys"].tolist() for r in got] == [[1, 9], [], [9]]
+    assert got[1]["cam"].shape == (0, 10, 13) and got[1]["high_res"].shape == (0, 40, 52)
+    for img, label, result in zip(imgs, labels, got):
+        keys = torch.nonzero(label)[:, 0]
+        if len(keys) == 0:
+            continue
+        cam, high_res = literal_image_advcam(model64, msf_of(img, (1.0, 0.5)), size, keys, 7, 7.0, 0.08, 0.5)
+        # float64 maths on both sides, saved as float32
+        np.testing.assert_allclose(result["cam"], cam.numpy().astype(np.float32), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(result["high_res"], high_res.numpy().astype(np.float32), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="one size"):
+        make_advcam.group_advcam(model64, [(msf_of(imgs[0], (1.0,)), size, labels[0]),
+                                           (msf_of(imgs[0][:, :32], (1.0,)), (32, 52), labels[0])], args)
+
+
+@pytest.fixture(scope="module")
+def model32():
+    torch.manual_seed(0)
+    model = Net(width=8, frozen_bn=True, detach_stage2=False).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+FP32_ATOL = 1e-5   # float32 batched vs literal, on maps normalised to [0, 1]
+BF16_ATOL = 0.1    # --amp bf16 vs float32: largest difference of a normalised map (measured 0.04 here)
+BF16_MEAN = 0.02   # ... and mean difference (measured 0.013 here)
+
+
+def test_float32_batch_channels_last_and_bf16_against_the_literal_loop(model32):
+    g = torch.Generator().manual_seed(5)
+    size = (48, 64)
+    imgs = [torch.randn(3, *size, generator=g) for _ in range(2)]
+    labels = labels_of([3], [0, 11])
+    images = [(msf_of(img, (1.0, 0.5)), size, label) for img, label in zip(imgs, labels)]
+    literal = [literal_image_advcam(model32, msf, size, torch.nonzero(label)[:, 0], 5, 7.0, 0.08, 0.5)
+               for msf, _, label in images]
+    for amp, channels_last in [("none", False), ("none", True), ("bf16", False)]:
+        args = argparse.Namespace(adv_iter=5, AD_coeff=7.0, AD_stepsize=0.08, score_th=0.5, amp=amp,
+                                  channels_last=channels_last)
+        net = model32.to(memory_format=torch.channels_last) if channels_last else model32
+        got = make_advcam.group_advcam(net, images, args)
+        model32.to(memory_format=torch.contiguous_format)
+        for result, (cam, high_res) in zip(got, literal):
+            for name, expected in (("cam", cam), ("high_res", high_res)):
+                diff = np.abs(result[name] - expected.numpy())
+                if amp == "none":
+                    assert diff.max() <= FP32_ATOL, (name, channels_last, diff.max())
+                else:
+                    assert diff.max() <= BF16_ATOL and diff.mean() <= BF16_MEAN, (name, diff.max(), diff.mean())
+                    assert diff.max() > 0  # bf16 did run: it rounds
+
+
+def test_same_size_groups():
+    sizes = [(2, 3), (4, 5), (2, 3), (2, 3), (4, 5), (6, 7), (2, 3), (6, 7)]
+    items = list(enumerate(sizes))
+    groups = list(same_size_groups(items, lambda item: item[1], 2, max_waiting=3))
+    assert sorted(i for grp in groups for i, _ in grp) == list(range(len(sizes)))  # each item once
+    assert all(len({size for _, size in grp}) == 1 and len(grp) <= 2 for grp in groups)
+    assert [[i for i, _ in grp] for grp in groups] == [[0, 2], [1, 4], [3, 6], [5, 7]]
+    # bounded waiting: the fullest bucket leaves early
+    assert [[i for i, _ in grp] for grp in same_size_groups(items[:3], lambda item: item[1], 5, max_waiting=2)] \
+        == [[0, 2], [1]]  # max_waiting is raised to the group size (5): nothing leaves early here
+    early = list(same_size_groups([(0, "a"), (1, "b"), (2, "a"), (3, "c")], lambda item: item[1], 3))
+    assert [[i for i, _ in grp] for grp in early] == [[0, 2], [1], [3]]
+    assert [len(grp) for grp in same_size_groups(range(5), lambda item: 0, 1)] == [1] * 5
+
+
 def test_image_without_labels(model64):
     args = argparse.Namespace(adv_iter=3, AD_coeff=7.0, AD_stepsize=0.08, score_th=0.5)
     got = image_advcam(model64, [pair_of(torch.zeros(3, 20, 24, dtype=torch.float64))], (20, 24), torch.zeros(20),
@@ -143,6 +187,14 @@ def advcam_args(fake_voc, tmp_path):
         make_advcam_from="wood", wood_weights_name=str(tmp_path / "wood.pth"),
         cam_weights_name=str(tmp_path / "missing_cam.pth"), cam_scales=[1.0, 0.5], adv_iter=3, AD_coeff=7.0,
         AD_stepsize=0.08, score_th=0.5, advcam_out_dir=str(tmp_path / "advcam"))
+
+
+def assert_same_files(dir_a, dir_b, ids, atol):
+    for img_id in ids:
+        a, b = (load_npz(os.path.join(d, img_id + ".npz")) for d in (dir_a, dir_b))
+        assert a["keys"].tolist() == b["keys"].tolist()
+        for key in ("cam", "high_res"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=atol)
 
 
 def test_run_writes_make_cam_format_resumes_and_pool_equals_single(advcam_args, fake_voc, tmp_path):
@@ -164,14 +216,20 @@ def test_run_writes_make_cam_format_resumes_and_pool_equals_single(advcam_args, 
     stamp = os.stat(first).st_mtime_ns
     make_advcam.run(args)
     assert os.stat(first).st_mtime_ns == stamp
+    # several images of one size per batch (fake VOC's images are all 64 px) give the same files
+    batched = argparse.Namespace(**{**vars(args), "advcam_batch": 3, "advcam_out_dir": str(tmp_path / "batched")})
+    make_advcam.run(batched)
+    assert_same_files(args.advcam_out_dir, batched.advcam_out_dir, fake_voc["train"], atol=FP32_ATOL)
     # two CPU worker processes give the same files
     pooled = argparse.Namespace(**{**vars(args), "num_workers": 2, "advcam_out_dir": str(tmp_path / "pooled")})
     make_advcam.run(pooled)
-    for img_id in fake_voc["train"]:
-        a = load_npz(os.path.join(args.advcam_out_dir, img_id + ".npz"))
-        b = load_npz(os.path.join(pooled.advcam_out_dir, img_id + ".npz"))
-        for key in a:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7)
+    assert_same_files(args.advcam_out_dir, pooled.advcam_out_dir, fake_voc["train"], atol=1e-7)
+
+
+def test_run_rejects_a_batch_below_one(advcam_args):
+    advcam_args.advcam_batch = 0
+    with pytest.raises(InputError, match="--advcam_batch must be at least 1"):
+        make_advcam.run(advcam_args)
 
 
 def test_run_missing_weights(advcam_args):

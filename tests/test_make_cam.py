@@ -261,3 +261,41 @@ def test_eval_cam_missing_cams_error(setup, tmp_path):
     assert str(partial) in msg and info["train"][1] in msg and "make_cam" in msg and first not in msg
     with pytest.raises(InputError, match="make_advcam"):
         eval_cam.run(argparse.Namespace(**{**vars(args), "eval_cam_dir": args.advcam_out_dir}))
+
+
+# ------------------------------------------------------------------------------- batching and --amp
+
+CAM_BF16_ATOL = 0.02   # --amp bf16 vs float32, largest difference of a normalised map (measured 0.007 below)
+
+
+def test_batched_images_channels_last_and_bf16_equal_the_literal_loop(setup, tmp_path):
+    """--make_cam_batch 3 on two 48x64 images and one 37x61 (bucketed by size), also NHWC, equal the literal
+    loop; --amp bf16 within CAM_BF16_ATOL of it."""
+    _, model, args = setup
+    info = make_fake_voc(tmp_path / "VOC2012", n_train=3, n_val=1, n_aug_only=0, sizes=[(48, 64), (48, 64), (37, 61)],
+                         seed=5)
+    literal = {i: literal_cam(model, info["root"], i, info["labels"][i], SCALES) for i in info["train"]}
+    for name, amp, channels_last in [("batched", "none", False), ("nhwc", "none", True), ("bf16", "bf16", False)]:
+        run_args = argparse.Namespace(**{**vars(args), "voc12_root": info["root"], "make_cam_batch": 3, "amp": amp,
+                                         "channels_last": channels_last, "cam_out_dir": str(tmp_path / name)})
+        make_cam.run(run_args)
+        worst = 0.0
+        for img_id in info["train"]:
+            saved = load_npz(os.path.join(run_args.cam_out_dir, img_id + ".npz"))
+            keys, cam, high_res = literal[img_id]
+            assert saved["keys"].tolist() == keys.tolist()
+            for got, expected in ((saved["cam"], cam), (saved["high_res"], high_res)):
+                assert got.shape == expected.shape and got.dtype == np.float32
+                worst = max(worst, float(np.abs(got - expected).max()))
+        if amp == "none":
+            assert worst <= 1e-5, (name, worst)
+        else:
+            assert 0 < worst <= CAM_BF16_ATOL, worst
+
+
+def test_group_cam_needs_one_size(setup):
+    _, model, _ = setup
+    label = np.eye(20, dtype=np.float32)[3]
+    with pytest.raises(ValueError, match="one size"):
+        make_cam.group_cam(model, [([np.zeros((2, 3, 32, 32), np.float32)], (32, 32), label),
+                                   ([np.zeros((2, 3, 16, 32), np.float32)], (16, 32), label)], torch.device("cpu"))
