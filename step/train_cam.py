@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc.torchutils import make_poly_optimizer
+from misc.torchutils import make_poly_optimizer, require_finite
 from misc.utils import InputError, save_torch
 from net.resnet50_cam import PARAM_GROUP_LR_MULT, new_id_classifier
 from voc12.dataloader import VOC12ClassificationDataset
@@ -34,6 +34,10 @@ def validation_loss(model, loader, device):
             count += labels.size(0)
     model.train()
     return total / max(count, 1)
+
+
+def _suspects(args):
+    return {"--cam_learning_rate": args.cam_learning_rate, "--cam_weight_decay": args.cam_weight_decay}
 
 
 def run(args):
@@ -72,11 +76,13 @@ def run(args):
             loss = classification_loss(logits, pack["label"].to(device, non_blocking=True))
             optimizer.zero_grad()
             loss.backward()
+            require_finite("train_cam", epoch + 1, step, _suspects(args), loss, model.parameters())
             optimizer.step()
             epoch_loss += loss.item()
             bar.set_postfix(loss=f"{epoch_loss / step:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         val = validation_loss(model, val_loader, device)
         print(f"train_cam epoch {epoch + 1}/{args.cam_num_epoches}: train loss {epoch_loss / steps_per_epoch:.4f}, "
               f"val loss {val:.4f}")
+    require_finite("train_cam", args.cam_num_epoches, None, _suspects(args), state_dict=model.state_dict())
     save_torch(args.cam_weights_name, model.state_dict())
     print(f"train_cam: saved {args.cam_weights_name}")

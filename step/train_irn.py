@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from misc import indexing
-from misc.torchutils import make_poly_optimizer
+from misc.torchutils import make_poly_optimizer, require_finite
 from misc.utils import InputError, require_dir, save_torch
 from net.resnet50_irn import FEATURE_STRIDE, PARAM_GROUP_LR_MULT, new_training_module
 from voc12.affinity import VOC12AffinityDataset
@@ -75,6 +75,10 @@ def _require_ir_labels(args):
                          f"--infer_list {args.train_list}")
 
 
+def _suspects(args):
+    return {"--irn_learning_rate": args.irn_learning_rate, "--irn_weight_decay": args.irn_weight_decay}
+
+
 def run(args):
     if os.path.exists(args.irn_weights_name):
         print(f"train_irn: {args.irn_weights_name} exists, skipped (delete it to retrain)")
@@ -121,8 +125,9 @@ def run(args):
                                 pack["aff_neg_label"].to(device))
             optimizer.zero_grad()
             losses["total"].backward()
-            optimizer.step()
             count += 1
+            require_finite("train_irn", epoch + 1, count, _suspects(args), losses["total"], model.parameters())
+            optimizer.step()
             for k in ("pos", "neg", "dp_fg", "dp_bg"):
                 sums[k] = sums.get(k, 0.0) + losses[k].item()
             progress.set_postfix({k: f"{v / count:.4f}" for k, v in sums.items()})
@@ -136,5 +141,6 @@ def run(args):
     # clone: a normal tensor, not an inference-mode one
     model.mean_shift.running_mean = mean_displacement(model, infer_loader, device).clone().to(device)
     print(f"train_irn: mean displacement {model.mean_shift.running_mean.tolist()}")
+    require_finite("train_irn", args.irn_num_epoches, None, _suspects(args), state_dict=model.state_dict())
     save_torch(args.irn_weights_name, {k: v.cpu() for k, v in model.state_dict().items()})
     print(f"train_irn: saved {args.irn_weights_name}")

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc.torchutils import make_poly_optimizer
+from misc.torchutils import make_poly_optimizer, require_finite
 from misc.utils import InputError, save_npz, save_torch
 from net.resnet50_cam import CAM, PARAM_GROUP_LR_MULT, Net, load_classifier
 from step.eval_cam import best_threshold, sweep_thresholds
@@ -127,6 +127,11 @@ def compute_prototypes(model, args, device, ood_paths):
     return torch.cat([ids, ood]).to(device)
 
 
+def _suspects(args):
+    return {"--wood_learning_rate": args.wood_learning_rate, "--ood_coeff": args.ood_coeff,
+            "--distance_lambda": args.distance_lambda, "--ood_adv_step": args.ood_adv_step}
+
+
 def run(args):
     if os.path.isfile(args.wood_weights_name):
         print(f"train_wood: {args.wood_weights_name} exists; keeping it (delete it to train again)")
@@ -177,6 +182,7 @@ def run(args):
             loss, parts = wood_loss(model, img, label, ood_img, prototypes, args)
             optimizer.zero_grad()  # also clears what the anti-adversarial step would leave
             loss.backward()
+            require_finite("train_wood", epoch + 1, step + 1, _suspects(args), loss, model.parameters())
             optimizer.step()
             sums["loss"] += loss.item()
             for k, v in parts.items():
@@ -199,5 +205,6 @@ def run(args):
         state = selector.best_state
         print(f"train_wood: selected the weights of {tag} (CAM mIoU {100 * miou:.2f} at threshold {threshold} "
               f"on {args.chainer_eval_set}, ground truth used) among {len(selector.history)} evaluations")
+    require_finite("train_wood", args.wood_num_epoches, None, _suspects(args), state_dict=state)
     save_torch(args.wood_weights_name, state)
     print(f"train_wood: saved {args.wood_weights_name}")
