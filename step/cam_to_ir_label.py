@@ -14,7 +14,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from misc import imutils
+from misc import imutils, provenance
 from misc.crf import crf_inference_label
 from misc.utils import InputError, load_npz, pending, require_dir, save_png
 from voc12.dataloader import img_path, load_img_name_list
@@ -87,7 +87,10 @@ def run(args):
         raise InputError(f"{len(missing)} CAM file(s) of --infer_list missing from {args.ir_label_cam_dir}, "
                          f"e.g. {_seed_path(args.ir_label_cam_dir, missing[0])}: run make_cam / make_advcam "
                          f"on the same --infer_list first")
-    os.makedirs(args.ir_label_out_dir, exist_ok=True)
+    inputs = {"cams": provenance.folder_identity(args.ir_label_cam_dir),
+              **provenance.flag_values(args, ["conf_fg_thres", "conf_bg_thres"])}
+    provenance.claim_folder(args.ir_label_out_dir, "cam_to_ir_label", inputs, ".png", args,
+                            "--ir_label_out_dir")
     todo = pending(ids, functools.partial(_out_path, args.ir_label_out_dir))
     print(f"cam_to_ir_label: {len(ids) - len(todo)} of {len(ids)} done already, {len(todo)} to do "
           f"-> {args.ir_label_out_dir}")

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from misc.metrics import confusion_matrix, scores
-from misc.report import add_to_summary, summary_entry
+from misc.report import add_to_summary, read_summary, summary_entry
 from misc.utils import InputError, load_npz, pending, require_dir
 from voc12.dataloader import CAT_LIST, load_gt, load_img_name_list
 
@@ -116,6 +116,7 @@ def print_report(name, sweep, best_t, best_scores):
 
 
 def run(args):
+    read_summary(args.work_dir)  # a corrupt summary.json fails now, not after the evaluation
     cam_dir = args.eval_cam_dir
     name = args.eval_name or os.path.basename(os.path.normpath(cam_dir))
     ids = load_img_name_list(args.voc12_root, args.chainer_eval_set)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc import indexing
+from misc import indexing, provenance
 from misc.utils import InputError, load_npz, palette_voc, pending, require_dir, save_png
 from net.resnet50_irn import FEATURE_STRIDE, load_edge_displacement
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
@@ -86,6 +86,12 @@ def run(args):
         raise InputError(f"{len(missing)} CAM file(s) of --infer_list missing from {args.sem_seg_cam_dir}, "
                          f"e.g. {seed_path(missing[0])}: run make_cam / make_advcam on the same "
                          f"--infer_list first")
+    inputs = {"cams": provenance.folder_identity(args.sem_seg_cam_dir),
+              "irn_weights": provenance.input_file(args.irn_weights_name, "the IRN weights (.pth); run train_irn "
+                                                                          "(--train_irn_pass true) first"),
+              **provenance.flag_values(args, ["beta", "exp_times", "rw_radius", "sem_seg_bg_thres", "np_power",
+                                              "irn_crop_size", "backbone_width"])}
+    provenance.claim_folder(args.sem_seg_out_dir, "make_sem_seg", inputs, ".png", args, "--sem_seg_out_dir")
     todo = pending(ids, lambda img_id: _out_path(args.sem_seg_out_dir, img_id))
     print(f"make_sem_seg_labels: {len(ids) - len(todo)} of {len(ids)} done already, {len(todo)} to do "
           f"-> {args.sem_seg_out_dir}")

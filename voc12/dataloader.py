@@ -4,6 +4,7 @@ Names are image id strings such as "2007_000032" (IRN encodes them as ints; not 
 Every folder a dataset needs is checked when it is built, so a wrong `voc12_root` fails at once
 with a message naming the folder, not later inside a DataLoader worker.
 """
+import collections
 import os
 import xml.etree.ElementTree as ET
 
@@ -69,7 +70,12 @@ def _read_id_file(path, what):
                                  f"image id per line (e.g. 2007_000032)")
     if not ids:
         raise InputError(f"image list {path} is empty: expected {what}")
-    return ids
+    unique = list(dict.fromkeys(ids))
+    if len(unique) < len(ids):
+        repeated = next(i for i, n in collections.Counter(ids).items() if n > 1)
+        print(f"warning: image list {path} names {len(ids) - len(unique)} id(s) more than once (e.g. {repeated}); "
+              f"each is used once")
+    return unique
 
 
 def load_img_name_list(voc12_root, list_spec):
@@ -175,6 +181,9 @@ def load_image_labels(voc12_root, ids):
 
 # ----------------------------------------------------------------------------------- ground truth
 
+GT_VALUES = np.array(list(range(21)) + [255])   # background, the 20 classes, void
+
+
 def read_index_png(path, what):
     """A single-channel PNG ("P" palette or "L") as its (H, W) uint8 indices, never its colours."""
     require_file(path, what)
@@ -194,7 +203,13 @@ def read_index_png(path, what):
 def load_gt(voc12_root, img_id):
     """(H, W) uint8 class indices of SegmentationClass/<id>.png (255 = ignore)."""
     folder = voc_dir(voc12_root, "SegmentationClass")
-    return read_index_png(os.path.join(folder, img_id + ".png"), "a VOC ground-truth palette PNG")
+    path = os.path.join(folder, img_id + ".png")
+    gt = read_index_png(path, "a VOC ground-truth palette PNG")
+    bad = np.setdiff1d(np.unique(gt), GT_VALUES)
+    if bad.size:
+        raise InputError(f"{path} holds the value(s) {bad.tolist()}: a ground truth has classes 0-20 and 255 "
+                         f"(void); is it a colour PNG saved with another palette, or another dataset's label?")
+    return gt
 
 
 # ---------------------------------------------------------------------------------------- datasets
