@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from misc.utils import InputError, save_json, str2bool
+from misc.utils import InputError, error_line, save_json, str2bool
 
 # (switch name, module): the order in which one invocation runs them.
 STEPS = [
@@ -366,8 +366,8 @@ def main(argv=None):
                 step.run(args)
             print(f"== step {name} done in {(datetime.datetime.now() - started).total_seconds():.1f} s")
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        log.write(f"error: {e}\n")
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        log.write(f"error: {error_line(e)}\n")
         return 2
     except KeyboardInterrupt:
         if name is not None and name.startswith("train_"):

@@ -172,7 +172,7 @@ def provenance_inputs(args):
 def run(args):
     inputs = provenance_inputs(args)
     if provenance.file_up_to_date(args.ood_list, "mine_ood", inputs, args, "--ood_list"):
-        print(f"mine_ood: {args.ood_list} exists, mined with these inputs; keeping it")
+        print(f"mine_ood: {args.ood_list} exists; keeping it (mined with these inputs)")
         return
     device = torch.device(args.device)
     paths = load_ood_list(args.ood_pool_root, args.ood_pool_list)

@@ -52,7 +52,7 @@ def provenance_inputs(args):
 def run(args):
     inputs = provenance_inputs(args)
     if provenance.file_up_to_date(args.cam_weights_name, "train_cam", inputs, args, "--cam_weights_name"):
-        print(f"train_cam: {args.cam_weights_name} exists, trained with these flags; keeping it")
+        print(f"train_cam: {args.cam_weights_name} exists; keeping it (trained with these flags)")
         return
     device = torch.device(args.device)
     train_dataset = VOC12ClassificationDataset.for_training(

@@ -94,7 +94,7 @@ def provenance_inputs(args):
 def run(args):
     inputs = provenance_inputs(args)
     if provenance.file_up_to_date(args.irn_weights_name, "train_irn", inputs, args, "--irn_weights_name"):
-        print(f"train_irn: {args.irn_weights_name} exists, trained with these inputs; keeping it")
+        print(f"train_irn: {args.irn_weights_name} exists; keeping it (trained with these inputs)")
         return
     _check_args(args)
     device = torch.device(args.device)

@@ -152,7 +152,7 @@ def run(args):
     inputs = provenance_inputs(args)
     if provenance.file_up_to_date(args.wood_weights_name, "train_wood", inputs, args,
                                   "--wood_weights_name"):
-        print(f"train_wood: {args.wood_weights_name} exists, trained with these inputs; keeping it")
+        print(f"train_wood: {args.wood_weights_name} exists; keeping it (trained with these inputs)")
         return
     device = torch.device(args.device)
     # inputs first, so that a bad list fails before minutes of feature extraction

@@ -1,5 +1,15 @@
-"""Bad inputs, odd flags and stale outputs: each case exits with a status other than 0, prints one line
-that names the flag or file and the fix, and writes or changes no output."""
+"""Bad inputs, odd flags and stale outputs (issue 15): each case exits with a status other than 0, prints
+one line that names the flag or file and the fix, and writes or changes no output.
+
+- training guards: a NaN loss (--cam_learning_rate 1e8) stops train_cam, no weights file;
+- stale outputs (misc/provenance.py): W-OoD CAMs into a folder of ID CAMs (what `bash_run_sample.sh
+  --cam_out_dir X` does), a retrained classifier, changed scales, outputs without or with a corrupt
+  record, weights trained with other flags; --overwrite recomputes; the same inputs resume;
+- flags (run_sample.validate_args), no step switched on, config names, interrupt wording;
+- the pool: a SIGKILL of the main process during a pooled make_cam leaves no helper behind;
+- file contents: CAM keys / map count / NaN, GT values, duplicate ids, corrupt summary.json, unreadable
+  training images (up front, and inside a loader worker).
+"""
 import contextlib
 import json
 import os
@@ -14,9 +24,10 @@ import torch
 
 import run_sample
 from misc.torchutils import TrainingDiverged, require_finite
-from misc.utils import load_npz
+from misc.utils import load_npz, palette_voc, save_npz, save_png
 from test_resume import (EXIT_TIMEOUT_S, LAUNCHER, ROOT, START_TIMEOUT_S, make_cam_argv, make_random_weights,
                          subprocess_env, tail)
+from voc12.dataloader import load_img_name_list, read_index_png
 
 WIDTH = 8
 
@@ -169,7 +180,7 @@ def test_weights_of_other_flags_stop_training_and_the_same_flags_skip(fake_voc, 
     assert run_sample.main(train_cam_argv(fake_voc, tmp_path)) == 0
     stamp = os.stat(weights).st_mtime_ns
     assert run_sample.main(train_cam_argv(fake_voc, tmp_path)) == 0
-    assert "trained with these flags; keeping it" in capsys.readouterr().out
+    assert "exists; keeping it (trained with these flags)" in capsys.readouterr().out
     assert run_sample.main(train_cam_argv(fake_voc, tmp_path, "--cam_learning_rate", "0.01")) == 2
     line = error_line(capsys)
     assert f"{weights} was made by other inputs (cam_learning_rate: 0.1 -> 0.01)" in line, line
@@ -275,3 +286,113 @@ def test_sigkill_of_the_main_process_during_a_pooled_make_cam_leaves_no_process(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
+
+
+# ------------------------------------------------------------------------------------- file contents
+
+def eval_argv(fake_voc, tmp_path, cam_dir):
+    return ["--preset", "toy", "--work_dir", str(tmp_path / "work"), "--voc12_root", fake_voc["root"],
+            "--device", "cpu", "--eval_cam_dir", str(cam_dir), "--eval_cam_pass", "true"]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("key_25", "are not distinct class indices 0-19"),
+    ("other_class", "but the image's labels are"),
+    ("nan", "holds non-finite values (NaN / inf)"),
+    ("count", "is not one map per key"),
+])
+def test_a_cam_file_that_cannot_be_right_stops_eval_cam(fake_voc, tmp_path, id_cams, capsys, case, expected):
+    _, cam_dir = id_cams
+    img_id = fake_voc["train"][0]
+    path = cam_dir / f"{img_id}.npz"
+    arrays = load_npz(str(path))
+    keys, high_res = arrays["keys"], arrays["high_res"]
+    if case == "key_25":
+        keys = np.arange(keys.size, dtype=np.int64) + 25  # cam_to_ir_label would have written class 26
+    elif case == "other_class":
+        keys = (keys + 5) % 20
+    elif case == "nan":
+        high_res = high_res.copy()
+        high_res[0, 0, 0] = np.nan
+    else:
+        high_res = np.concatenate([high_res, high_res[:1]])
+    save_npz(str(path), keys=keys, cam=arrays["cam"], high_res=high_res)
+    capsys.readouterr()
+    assert run_sample.main(eval_argv(fake_voc, tmp_path, cam_dir)) == 2
+    line = error_line(capsys)
+    assert str(path) in line and expected in line and "re-run make_cam" in line, line
+    assert not (tmp_path / "work" / "summary.json").exists()
+
+
+def test_a_ground_truth_value_outside_the_classes_names_the_file(fake_voc, tmp_path, id_cams, capsys):
+    _, cam_dir = id_cams
+    gt_path = os.path.join(fake_voc["root"], "SegmentationClass", fake_voc["train"][1] + ".png")
+    gt = read_index_png(gt_path, "gt").copy()
+    gt[0, 0] = 30
+    save_png(gt_path, gt, palette=palette_voc())
+    capsys.readouterr()
+    assert run_sample.main(eval_argv(fake_voc, tmp_path, cam_dir)) == 2
+    line = error_line(capsys)
+    assert f"{gt_path} holds the value(s) [30]: a ground truth has classes 0-20 and 255" in line, line
+    assert not (tmp_path / "work" / "summary.json").exists()
+
+
+def test_a_corrupt_summary_stops_the_evaluation_before_it_runs(fake_voc, tmp_path, id_cams, capsys):
+    _, cam_dir = id_cams
+    summary = tmp_path / "work" / "summary.json"
+    summary.parent.mkdir(exist_ok=True)
+    summary.write_text('[{"name": "x"')
+    capsys.readouterr()
+    assert run_sample.main(eval_argv(fake_voc, tmp_path, cam_dir)) == 2
+    out = capsys.readouterr()
+    assert f"error: cannot read {summary}" in out.err and "move it away" in out.err, out.err
+    assert "best mIoU" not in out.out  # stopped before evaluating
+    assert summary.read_text() == '[{"name": "x"'
+
+
+def test_duplicate_ids_in_a_list_are_used_once_with_a_warning(fake_voc, tmp_path, capsys):
+    listed = tmp_path / "list.txt"
+    a, b = fake_voc["train"][:2]
+    listed.write_text(f"{a}\n{b}\n{a}\n")
+    assert load_img_name_list(fake_voc["root"], str(listed)) == [a, b]
+    out = capsys.readouterr().out
+    assert f"warning: image list {listed} names 1 id(s) more than once (e.g. {a}); each is used once" in out
+
+
+def test_an_unreadable_training_image_stops_train_cam_before_epoch_1(fake_voc, tmp_path, capsys):
+    bad = os.path.join(fake_voc["root"], "JPEGImages", fake_voc["train"][2] + ".jpg")
+    with open(bad, "wb") as f:
+        f.write(b"not an image at all")
+    assert run_sample.main(train_cam_argv(fake_voc, tmp_path, "--num_workers", "1")) == 2
+    out = capsys.readouterr()
+    assert f"error: {bad} is not a readable image" in out.err and "remove its id from the list" in out.err, out.err
+    assert "Traceback" not in out.err and "train_cam epoch" not in out.err + out.out
+    assert not (tmp_path / "sess" / "cam.pth").exists()
+
+
+def test_an_image_that_breaks_in_a_loader_worker_is_one_line(fake_voc, tmp_path, capsys):
+    # a valid header, a truncated body: passes the up-front check, fails when a worker decodes it
+    bad = os.path.join(fake_voc["root"], "JPEGImages", fake_voc["train"][2] + ".jpg")
+    with open(bad, "rb") as f:
+        data = f.read()
+    with open(bad, "wb") as f:
+        f.write(data[:200])
+    assert run_sample.main(train_cam_argv(fake_voc, tmp_path, "--num_workers", "1")) == 2
+    line = error_line(capsys)
+    assert bad in line and "DataLoader worker" not in line and "Traceback" not in line, line
+    assert not (tmp_path / "sess" / "cam.pth").exists()
+
+
+@pytest.mark.parametrize("step,expected", [
+    ("train_cam", "interrupted during train_cam: nothing of it was saved, and it restarts from its first epoch"),
+    ("make_cam", "interrupted: finished outputs are kept; run the same command again to resume"),
+])
+def test_interrupt_wording_says_whether_the_step_restarts_or_resumes(tmp_path, monkeypatch, capsys, step, expected):
+    class Interrupted:
+        @staticmethod
+        def run(args):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_sample.importlib, "import_module", lambda name: Interrupted)
+    assert run_sample.main(["--work_dir", str(tmp_path), "--device", "cpu", f"--{step}_pass", "true"]) == 130
+    assert expected in capsys.readouterr().err

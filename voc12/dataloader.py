@@ -107,12 +107,24 @@ def _as_name_list(voc12_root, img_name_list):
 
 
 def require_images(voc12_root, ids):
-    """InputError if any listed image is missing from JPEGImages (checked once, up front)."""
+    """InputError if any listed image is missing from JPEGImages or has no readable image header (checked
+    once, up front: a bad file fails here, not in the middle of an epoch)."""
     voc_dir(voc12_root, "JPEGImages")
     missing = [i for i in ids if not os.path.isfile(img_path(voc12_root, i))]
     if missing:
         raise InputError(f"{len(missing)} listed image(s) missing from {os.path.join(voc12_root, 'JPEGImages')}, "
                          f"e.g. {img_path(voc12_root, missing[0])}: the image list does not match the images")
+    for i in ids:
+        require_image_header(img_path(voc12_root, i))
+
+
+def require_image_header(path):
+    """InputError naming `path` unless PIL recognises its header (the pixels are not decoded: fast)."""
+    try:
+        Image.open(path).close()  # opening parses the header only
+    except Exception as e:
+        raise InputError(f"{path} is not a readable image ({type(e).__name__}: {e}): replace the file or "
+                         f"remove its id from the list") from None
 
 
 # ------------------------------------------------------------------------------ image-level labels
