@@ -266,10 +266,10 @@ def validate_args(args):
     """One line (InputError) for the first flag whose value cannot be right, before any step runs."""
     for names, ok, expected in FLAG_RANGES:
         for name in names:
-            value = getattr(args, name)
-            values = value if isinstance(value, list) else [value]
+            value = getattr(args, name, None)
             if value is None:  # optional flags left out
                 continue
+            values = value if isinstance(value, list) else [value]
             if not values:
                 raise InputError(f"--{name} is empty: give at least one value")
             bad = [v for v in values if not ok(v)]
