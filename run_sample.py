@@ -9,14 +9,16 @@ the method's constants stay). Any flag given on the command line wins over the p
 import argparse
 import datetime
 import importlib
+import itertools
 import json
+import math
 import os
 import random
 import sys
 
 import numpy as np
 
-from misc.utils import InputError, save_json, str2bool
+from misc.utils import InputError, error_line, save_json, str2bool
 
 # (switch name, module): the order in which one invocation runs them.
 STEPS = [
@@ -108,6 +110,8 @@ def build_parser():
     g.add_argument("--infer_list", default="train", help="images for make_cam/advcam/IR labels/random walk")
     g.add_argument("--chainer_eval_set", default="train", help="images the eval steps score")
     g.add_argument("--eval_name", default=None, help="summary.json entry name (default: evaluated folder)")
+    g.add_argument("--overwrite", type=B, default=False,
+                   help="recompute outputs made by other inputs (misc/provenance.py) instead of stopping")
 
     g = p.add_argument_group("backbone")
     g.add_argument("--pretrained", default=None,
@@ -130,7 +134,7 @@ def build_parser():
     g.add_argument("--cam_scales", type=float, nargs="+", default=[1.0, 0.5, 1.5, 2.0])
     g.add_argument("--make_cam_from", choices=["id", "wood"], default="wood",
                    help="which classifier make_cam uses: the ID classifier or the W-OoD one")
-    g.add_argument("--cam_out_dir", default=None, help="default <work_dir>/wood_cam")
+    g.add_argument("--cam_out_dir", default=None, help="default <work_dir>/<make_cam_from>_cam (wood_cam, id_cam)")
     g.add_argument("--eval_cam_dir", default=None, help="what eval_cam scores (default --cam_out_dir)")
     g.add_argument("--cam_eval_thres", type=float, nargs="+", default=CAM_EVAL_THRES_PAPER)
     g.add_argument("--cpu_jit", type=B, default=True,
@@ -187,7 +191,8 @@ def build_parser():
     g.add_argument("--score_th", type=float, default=0.5, help="mask threshold of the AD regulariser")
     g.add_argument("--advcam_batch", type=int, default=1,
                    help="images of one size whose class-runs share a batch (on a GPU; same numbers, more memory)")
-    g.add_argument("--advcam_out_dir", default=None, help="default <work_dir>/wood_advcam")
+    g.add_argument("--advcam_out_dir", default=None,
+                   help="default <work_dir>/<make_advcam_from>_advcam (wood_advcam, id_advcam)")
 
     g = p.add_argument_group("cam_to_ir_label (SPEC 5.1)")
     g.add_argument("--ir_label_cam_dir", default=None, help="seeds for IR labels (default --advcam_out_dir)")
@@ -265,9 +270,10 @@ def resolve_defaults(args):
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     w = args.work_dir
-    args.cam_out_dir = args.cam_out_dir or os.path.join(w, "wood_cam")
+    # named after what is computed: the ID classifier's CAMs never default to a W-OoD folder
+    args.cam_out_dir = args.cam_out_dir or os.path.join(w, f"{args.make_cam_from}_cam")
     args.eval_cam_dir = args.eval_cam_dir or args.cam_out_dir
-    args.advcam_out_dir = args.advcam_out_dir or os.path.join(w, "wood_advcam")
+    args.advcam_out_dir = args.advcam_out_dir or os.path.join(w, f"{args.make_advcam_from}_advcam")
     args.ir_label_cam_dir = args.ir_label_cam_dir or args.advcam_out_dir
     args.sem_seg_cam_dir = args.sem_seg_cam_dir or args.ir_label_cam_dir
     args.ir_label_out_dir = args.ir_label_out_dir or os.path.join(w, "ir_label")
@@ -275,6 +281,61 @@ def resolve_defaults(args):
     args.ood_list = args.ood_list or os.path.join(w, "ood_list.txt")
     args.seg_label_dir = args.seg_label_dir or args.sem_seg_out_dir
     args.seg_weights_name = args.seg_weights_name or os.path.join(w, args.seg_name + ".pth")
+
+
+# (flags, test, what the values must be): checked by validate_args before any work
+FLAG_RANGES = [
+    (["adv_iter", "cam_batch_size", "wood_batch_size", "ood_batch_size", "irn_batch_size", "cam_num_epoches",
+      "wood_num_epoches", "irn_num_epoches", "cam_crop_size", "irn_crop_size", "ood_long_side", "cluster_K",
+      "kmeans_iter", "select_every", "irn_radius", "rw_radius", "exp_times", "beta", "backbone_width"],
+     lambda v: v >= 1, "an integer >= 1"),
+    (["num_workers", "cpu_threads"], lambda v: v >= 0, "an integer >= 0"),
+    (["cam_scales", "select_scales", "cam_resize_long"], lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    (["cam_learning_rate", "wood_learning_rate", "irn_learning_rate", "AD_stepsize", "np_power"],
+     lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    (["cam_weight_decay", "wood_weight_decay", "irn_weight_decay", "distance_lambda", "ood_coeff", "ood_adv_step",
+      "AD_coeff", "real_momentum"], lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    (["cam_eval_thres", "select_eval_thres", "conf_fg_thres", "conf_bg_thres", "sem_seg_bg_thres", "score_th",
+      "mine_th", "ood_dist_topk"], lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    (["ood_mask_class"], lambda v: 0 <= v < 20, "a class index in 0-19"),
+    (["mine_max_keep"], lambda v: v >= 1, "an integer >= 1 (or left out: no cap)"),
+]
+
+
+def check_device(name):
+    """InputError unless `name` is a torch device this machine has."""
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name} is not a device: use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: this PyTorch build or machine has no usable CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu" and not getattr(torch, device.type, None):
+        raise InputError(f"--device {name}: this PyTorch has no {device.type} backend; use cpu or cuda")
+
+
+def validate_args(args):
+    """One line (InputError) for the first flag whose value cannot be right, before any step runs."""
+    for names, ok, expected in FLAG_RANGES:
+        for name in names:
+            value = getattr(args, name, None)
+            if value is None:  # optional flags left out
+                continue
+            values = value if isinstance(value, list) else [value]
+            if not values:
+                raise InputError(f"--{name} is empty: give at least one value")
+            bad = [v for v in values if not ok(v)]
+            if bad:
+                raise InputError(f"--{name} {bad[0]}: must be {expected}")
+    if args.conf_bg_thres > args.conf_fg_thres:
+        raise InputError(f"--conf_bg_thres {args.conf_bg_thres} is above --conf_fg_thres {args.conf_fg_thres}: "
+                         f"the background threshold must not exceed the foreground one")
+    check_device(args.device)
 
 
 def seed_everything(seed):
@@ -309,11 +370,31 @@ class _Tee:
         return getattr(self.stream, name)
 
 
+def new_config_path(work_dir, stamp):
+    """config-<stamp>.json, or config-<stamp>-<n>.json if a run of the same second took it (reserved
+    with an exclusive create, so concurrent runs never share one)."""
+    for n in itertools.count(1):
+        path = os.path.join(work_dir, f"config-{stamp}.json" if n == 1 else f"config-{stamp}-{n}.json")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return path
+        except FileExistsError:
+            continue
+
+
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        validate_args(args)
+        if not any(getattr(args, f"{name}_pass") for name, _ in STEPS):
+            raise InputError("no step is switched on: pass --<step>_pass true for the steps to run, e.g. "
+                             "--train_cam_pass true (bash_run_sample.sh runs them all)")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.makedirs(args.work_dir, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    save_json(os.path.join(args.work_dir, f"config-{stamp}.json"), vars(args))
+    save_json(new_config_path(args.work_dir, stamp), vars(args))
     log = open(os.path.join(args.work_dir, "run.log"), "a")
     sys.stdout = _Tee(sys.stdout, log)
     print(f"== run_sample.py {stamp} config: " + json.dumps(vars(args), sort_keys=True))
@@ -322,6 +403,7 @@ def main(argv=None):
     if args.cpu_threads:
         import torch
         torch.set_num_threads(args.cpu_threads)
+    name = None
     try:
         for name, module in STEPS:
             if not getattr(args, f"{name}_pass"):
@@ -341,12 +423,16 @@ def main(argv=None):
                 step.run(args)
             print(f"== step {name} done in {(datetime.datetime.now() - started).total_seconds():.1f} s")
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        log.write(f"error: {e}\n")
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        log.write(f"error: {error_line(e)}\n")
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished outputs are kept; run the same command again to resume",
-              file=sys.stderr)
+        if name is not None and name.startswith("train_"):
+            print(f"interrupted during {name}: nothing of it was saved, and it restarts from its first epoch "
+                  f"when the same command is run again; outputs of the steps before it are kept", file=sys.stderr)
+        else:
+            print("interrupted: finished outputs are kept; run the same command again to resume",
+                  file=sys.stderr)
         log.write("interrupted\n")
         return 130
     finally:

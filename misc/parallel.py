@@ -5,14 +5,43 @@ The calling process works too: it starts at once, while the helpers spawn and im
 unclaimed item from a shared counter, so all finish within one item of each other. Each process builds
 its own state once (`setup`: a model, a dataset); this module keeps it, so a step needs no module-level
 state of its own and the caller's copy is freed when the pool ends.
+
+Helpers never outlive the calling process: they die with it, whatever signal ends it (SIGKILL from the
+OOM killer too: Linux's parent-death signal, and a watchdog thread elsewhere). They ignore SIGINT, so a
+Ctrl-C reaches the calling process only, which prints the one line and stops them after their item.
 """
+import contextlib
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from tqdm import tqdm
 
 _HELPER = {}  # a helper process's shared counters and its state (set by _init_helper)
+_PR_SET_PDEATHSIG = 1       # linux/prctl.h
+_WATCHDOG_PERIOD_S = 1.0
+
+
+def _die_with_parent(parent_pid):
+    """End this process as soon as `parent_pid` (the pool's owner) is gone."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(_WATCHDOG_PERIOD_S)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:  # died before the parent-death signal was set
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
 
 
 def _drain(work_item, state, n_items, next_item, done, after_item=None):
@@ -31,12 +60,26 @@ def _drain(work_item, state, n_items, next_item, done, after_item=None):
             after_item()
 
 
-def _init_helper(next_item, done, setup, setup_args):
+def _init_helper(parent_pid, next_item, done, setup, setup_args):
+    _die_with_parent(parent_pid)
     _HELPER.update(next_item=next_item, done=done, state=setup(*setup_args))
 
 
 def _helper(work_item, n_items):
     _drain(work_item, _HELPER["state"], n_items, _HELPER["next_item"], _HELPER["done"])
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored in this process while processes are started (a Ctrl-C then is lost, for milliseconds)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_in_processes(n_items, n_proc, setup, setup_args, work_item, desc):
@@ -50,8 +93,9 @@ def run_in_processes(n_items, n_proc, setup, setup_args, work_item, desc):
     next_item, done = context.Value("i", 0), context.Value("i", 0)
     threads = torch.get_num_threads()
     pool = (ProcessPoolExecutor(n_proc - 1, mp_context=context, initializer=_init_helper,
-                                initargs=(next_item, done, setup, setup_args)) if n_proc > 1 else None)
-    helpers = [pool.submit(_helper, work_item, n_items) for _ in range(n_proc - 1)] if pool else []
+                                initargs=(os.getpid(), next_item, done, setup, setup_args)) if n_proc > 1 else None)
+    with _sigint_ignored():  # inherited by the helpers (started by submit): Ctrl-C is this process's to report
+        helpers = [pool.submit(_helper, work_item, n_items) for _ in range(n_proc - 1)] if pool else []
 
     def after_item():
         bar.update(done.value - bar.n)

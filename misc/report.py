@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from misc.utils import save_json
+from misc.utils import InputError, save_json
 
 def _class_names():  # imported late: voc12 pulls in torch
     from voc12.dataloader import CAT_LIST
@@ -25,11 +25,19 @@ def summary_entry(name, step, scores, threshold=None):
 
 
 def read_summary(work_dir):
+    """The entries of <work_dir>/summary.json ([] if there is none); InputError if it is corrupt (the eval
+    steps call this before they evaluate, so a bad file costs no evaluation)."""
     path = os.path.join(work_dir, "summary.json")
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e for e in entries):
+            raise ValueError("expected a list of entries with a 'name'")
+    except (ValueError, OSError) as e:
+        raise InputError(f"cannot read {path} ({e}): repair it, or move it away to start a new summary") from None
+    return entries
 
 
 def add_to_summary(work_dir, entry):

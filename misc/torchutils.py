@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from misc.utils import InputError
+
 POLY_POWER = 0.9
 
 
@@ -73,7 +75,6 @@ def load_canonical_state(model, merged, origin, source, network, width):
     """Strictly load `merged` (a state dict already mapped to our names; `origin` maps each name to the
     checkpoint's key) into `model`, or raise InputError naming `source` and the missing / unexpected /
     mis-shaped keys. `network` and `width` only word the message."""
-    from misc.utils import InputError
     expected = model.state_dict()
     missing = [k for k in expected if k not in merged and not k.endswith(_OPTIONAL_SUFFIX)]
     unexpected = [origin[k] for k in merged if k not in expected]
@@ -118,3 +119,34 @@ def frozen_cpu_graph(model, example):
     except Exception as e:  # an optional speed-up: never a reason to stop the step
         print(f"note: cannot freeze the model as a TorchScript graph ({type(e).__name__}: {e}); running it eagerly")
         return None
+
+
+class TrainingDiverged(InputError):
+    """A training step met a non-finite loss, gradient or weight: the driver prints the one line (exit 2);
+    nothing of the step is saved."""
+
+
+def require_finite(step_name, epoch, iteration, flags, loss=None, parameters=None, state_dict=None):
+    """Raise TrainingDiverged unless the loss, the gradients of `parameters` and the tensors of
+    `state_dict` (whichever are given) are all finite.
+
+    `epoch` and `iteration` are 1-based and only word the message, as `flags` does: a dict of the flags
+    most likely at fault (e.g. {"--cam_learning_rate": 0.1}). One call per iteration costs one device
+    synchronisation (the loss is read anyway for the progress bar)."""
+    what = None
+    if loss is not None and not torch.isfinite(loss.detach()).all():
+        what = f"the loss is {loss.detach().flatten()[0].item()}"
+    if what is None and parameters is not None:
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            what = "a gradient is not finite"
+    if what is None and state_dict is not None:
+        bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            what = f"{len(bad)} weight tensor(s) are not finite (e.g. {bad[0]})"
+    if what is None:
+        return
+    where = f"epoch {epoch} iteration {iteration}" if iteration is not None else f"after epoch {epoch}"
+    suspects = ", ".join(f"{flag} {value:g}" for flag, value in flags.items())
+    raise TrainingDiverged(f"{step_name} diverged: {what} at {where}; nothing was saved. Lower {suspects} "
+                           f"(or check the images of the training list) and run the step again")

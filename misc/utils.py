@@ -24,6 +24,17 @@ class InputError(RuntimeError):
     """
 
 
+def error_line(error):
+    """The one line to print for an InputError; one raised in a DataLoader worker arrives wrapped in the
+    worker's traceback ("Caught InputError in DataLoader worker process 0. Original Traceback ..."), whose
+    last line is the original message."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split("InputError: ", 1)[-1]
+    return text
+
+
 def str2bool(value):
     """argparse type for booleans: true/false/1/0/yes/no (any case); anything else is an error."""
     if isinstance(value, bool):

@@ -14,10 +14,11 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from misc import imutils
+from misc import imutils, provenance
 from misc.crf import crf_inference_label
-from misc.utils import InputError, load_npz, pending, require_dir, save_png
-from voc12.dataloader import img_path, load_img_name_list
+from misc.camfile import read_cam_file
+from misc.utils import InputError, pending, require_dir, save_png
+from voc12.dataloader import img_path, load_image_labels, load_img_name_list
 
 UNSURE = 255
 
@@ -57,23 +58,9 @@ def _out_path(out_dir, img_id):
     return os.path.join(out_dir, img_id + ".png")
 
 
-def _read_seeds(path, image_shape):
-    seeds = load_npz(path)
-    for key in ("keys", "high_res"):
-        if key not in seeds:
-            raise InputError(f"{path} has no '{key}' array (it has {sorted(seeds)}); expected a CAM file of "
-                             f"make_cam / make_advcam: re-run that step")
-    high_res, keys = seeds["high_res"], seeds["keys"].reshape(-1)
-    if high_res.ndim != 3 or high_res.shape[0] != keys.size or high_res.shape[1:] != tuple(image_shape):
-        raise InputError(f"{path}: high_res {high_res.shape} does not fit {keys.size} keys and the "
-                         f"{image_shape[1]}x{image_shape[0]} image; the CAMs belong to other images: "
-                         f"re-run make_cam / make_advcam")
-    return high_res, keys
-
-
-def _work(img_id, cam_dir, out_dir, voc12_root, fg_thres, bg_thres):
+def _work(img_id, cam_dir, out_dir, voc12_root, fg_thres, bg_thres, labels):
     img = imutils.read_rgb(img_path(voc12_root, img_id))
-    high_res, keys = _read_seeds(_seed_path(cam_dir, img_id), img.shape[:2])
+    keys, high_res = read_cam_file(_seed_path(cam_dir, img_id), "high_res", labels[img_id], img.shape[:2])
     save_png(_out_path(out_dir, img_id), ir_label(img, high_res, keys, fg_thres, bg_thres))
     return img_id
 
@@ -87,13 +74,17 @@ def run(args):
         raise InputError(f"{len(missing)} CAM file(s) of --infer_list missing from {args.ir_label_cam_dir}, "
                          f"e.g. {_seed_path(args.ir_label_cam_dir, missing[0])}: run make_cam / make_advcam "
                          f"on the same --infer_list first")
-    os.makedirs(args.ir_label_out_dir, exist_ok=True)
+    inputs = {"cams": provenance.folder_identity(args.ir_label_cam_dir),
+              **provenance.flag_values(args, ["conf_fg_thres", "conf_bg_thres"])}
+    provenance.claim_folder(args.ir_label_out_dir, "cam_to_ir_label", inputs, ".png", args,
+                            "--ir_label_out_dir")
     todo = pending(ids, functools.partial(_out_path, args.ir_label_out_dir))
     print(f"cam_to_ir_label: {len(ids) - len(todo)} of {len(ids)} done already, {len(todo)} to do "
           f"-> {args.ir_label_out_dir}")
     work = functools.partial(_work, cam_dir=args.ir_label_cam_dir, out_dir=args.ir_label_out_dir,
                              voc12_root=args.voc12_root, fg_thres=args.conf_fg_thres,
-                             bg_thres=args.conf_bg_thres)
+                             bg_thres=args.conf_bg_thres,
+                             labels=dict(zip(todo, load_image_labels(args.voc12_root, todo))))
     progress = tqdm(total=len(todo), desc="cam_to_ir_label", dynamic_ncols=True)
     if args.num_workers <= 1 or len(todo) <= 1:
         for img_id in todo:

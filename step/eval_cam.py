@@ -11,10 +11,11 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+from misc.camfile import read_cam_file
 from misc.metrics import confusion_matrix, scores
-from misc.report import add_to_summary, summary_entry
-from misc.utils import InputError, load_npz, pending, require_dir
-from voc12.dataloader import CAT_LIST, load_gt, load_img_name_list
+from misc.report import add_to_summary, read_summary, summary_entry
+from misc.utils import InputError, pending, require_dir
+from voc12.dataloader import CAT_LIST, load_gt, load_image_labels, load_img_name_list
 
 N_LABELS = len(CAT_LIST) + 1  # background + 20 classes
 _MAX_LISTED = 5
@@ -101,17 +102,11 @@ def require_cams(args, cam_dir, ids):
 
 def read_items(voc12_root, cam_dir, ids):
     """(high_res, keys, gt) per id; InputError if a CAM does not match its ground truth's size."""
-    for img_id in ids:
-        path = os.path.join(cam_dir, img_id + ".npz")
-        cam = load_npz(path)
-        if "high_res" not in cam or "keys" not in cam:
-            raise InputError(f"{path} lacks the arrays 'high_res' and 'keys'; delete it and re-run the "
-                             f"step that made it")
+    labels = load_image_labels(voc12_root, ids)
+    for img_id, label in zip(ids, labels):
         gt = load_gt(voc12_root, img_id)
-        if cam["high_res"].shape[1:] != gt.shape:
-            raise InputError(f"{path} is {cam['high_res'].shape[1:]} but the ground truth of {img_id} is "
-                             f"{gt.shape}: the CAMs belong to other images; delete them and re-run")
-        yield cam["high_res"], cam["keys"], gt
+        keys, high_res = read_cam_file(os.path.join(cam_dir, img_id + ".npz"), "high_res", label, gt.shape)
+        yield high_res, keys, gt
 
 
 def _pct(x):
@@ -132,6 +127,7 @@ def print_report(name, sweep, best_t, best_scores):
 
 
 def run(args):
+    read_summary(args.work_dir)  # a corrupt summary.json fails now, not after the evaluation
     cam_dir = args.eval_cam_dir
     name = args.eval_name or os.path.basename(os.path.normpath(cam_dir))
     ids = load_img_name_list(args.voc12_root, args.chainer_eval_set)

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from misc.metrics import confusion_matrix, scores
-from misc.report import add_to_summary, summary_entry
+from misc.report import add_to_summary, read_summary, summary_entry
 from misc.utils import InputError, require_dir
 from voc12.dataloader import load_gt, load_img_name_list, read_index_png
 
@@ -50,6 +50,7 @@ def evaluate(pred_dir, voc12_root, ids):
 
 
 def run(args):
+    read_summary(args.work_dir)  # a corrupt summary.json fails now, not after the evaluation
     ids = load_img_name_list(args.voc12_root, args.chainer_eval_set)
     result = evaluate(args.sem_seg_out_dir, args.voc12_root, ids)
     name = args.eval_name or os.path.basename(os.path.normpath(args.sem_seg_out_dir))

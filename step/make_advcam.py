@@ -21,7 +21,8 @@ at each scale the class-runs (one label class of one image, its flip pair) of al
 of the region, max |g_x|, min and max of x) is taken per class-run, and nothing leaves the device inside
 the iterations. Images wait in same-size buckets (misc/batching.py): padding would change values.
 --amp bf16 runs the forward passes under bfloat16 autocast (optional; float32 is the default),
---channels_last feeds the net NHWC tensors. Resumable; on CPU with --num_workers > 1 the pending images
+--channels_last feeds the net NHWC tensors. Resumable (outputs reused only if the folder's provenance record says the same classifier
+and constants made them, misc/provenance.py); on CPU with --num_workers > 1 the pending images
 are split over that many processes (one torch thread each, one image at a time); on a GPU one process
 with --num_workers data-loader workers. When a batch does not fit in the device's memory the class-runs
 are split into smaller batches (same numbers).
@@ -34,11 +35,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from misc import provenance
 from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
 from misc.utils import InputError, pending, save_npz
 from net.resnet50_cam import Net, load_classifier
-from step.make_cam import precision_context, scale_maps_to_cam, strided_size
+from step.make_cam import precision_context, provenance_inputs, scale_maps_to_cam, strided_size
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
 GRAD_EPS = 1e-12        # the original's epsilon of both normalisations (Grad-CAM count, input gradient)
@@ -265,6 +267,9 @@ def _run_single(args, model, dataset):
 def run(args):
     weights, hint = weights_of(args)
     ids = load_img_name_list(args.voc12_root, args.infer_list)
+    inputs = provenance_inputs(args, args.make_advcam_from, weights, hint,
+                               ["adv_iter", "AD_coeff", "AD_stepsize", "score_th"])
+    provenance.claim_folder(args.advcam_out_dir, "make_advcam", inputs, ".npz", args, "--advcam_out_dir")
     todo = pending(ids, lambda i: advcam_path(args.advcam_out_dir, i))
     order = [args.cam_scales[p] for p in scale_processing_order(len(args.cam_scales))]
     print(f"make_advcam: {len(ids)} images of {args.infer_list}, {len(ids) - len(todo)} already in "

@@ -7,7 +7,8 @@ Batching: one forward per scale takes the image and its flip together (the MSF p
 --make_cam_batch N the pairs of up to N images of one size (same-size buckets, misc/batching.py: padding
 would change values); the same CAMs (tests). --amp bf16 runs the forwards under bfloat16 autocast
 (optional; float32 is the default), --channels_last feeds the net NHWC tensors. Resumable: ids
-whose .npz exists are skipped. On CPU with --num_workers > 1 the pending ids are shared by that many
+whose .npz exists are skipped, if the folder's provenance record (misc/provenance.py) says they were
+made by the same classifier and scales; else the step stops (or, with --overwrite, recomputes them). On CPU with --num_workers > 1 the pending ids are shared by that many
 processes, this one included (one torch thread each), and with --cpu_jit (default) each runs the net as
 a frozen TorchScript graph (misc.torchutils.frozen_cpu_graph: the same maps up to float rounding); on a
 GPU one process, with --num_workers data-loader workers.
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from misc import provenance
 from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
 from misc.torchutils import frozen_cpu_graph
@@ -220,9 +222,18 @@ def _run_single(args, model, dataset):
             bar.update(len(packs))
 
 
+def provenance_inputs(args, kind, weights, hint, flags=()):
+    """What decides CAMs of the `kind` classifier (id / wood) in `weights` (misc/provenance.py); `flags`
+    are the method's further flags (AdvCAM's)."""
+    return {"classifier": kind, "weights": provenance.input_file(weights, f"the classifier weights (.pth); {hint}"),
+            **provenance.flag_values(args, ["cam_scales", "backbone_width", "amp", *flags])}
+
+
 def run(args):
     weights, hint = weights_of(args)
     ids = load_img_name_list(args.voc12_root, args.infer_list)
+    inputs = provenance_inputs(args, args.make_cam_from, weights, hint)
+    provenance.claim_folder(args.cam_out_dir, "make_cam", inputs, ".npz", args, "--cam_out_dir")
     todo = pending(ids, lambda i: cam_path(args.cam_out_dir, i))
     print(f"make_cam: {len(ids)} images of {args.infer_list}, {len(ids) - len(todo)} already in "
           f"{args.cam_out_dir}, weights {weights}, scales {args.cam_scales}")

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc import indexing
-from misc.utils import InputError, load_npz, palette_voc, pending, require_dir, save_png
+from misc import indexing, provenance
+from misc.camfile import read_cam_file
+from misc.utils import InputError, palette_voc, pending, require_dir, save_png
 from net.resnet50_irn import FEATURE_STRIDE, load_edge_displacement
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
@@ -54,20 +55,7 @@ def walk_to_label(walked, keys, image_size, bg_thres, stride=FEATURE_STRIDE):
 def read_seeds(path, label, strided_size):
     """`cam` (n, h, w) float32 and `keys` (n,) of a seed file; InputError unless its keys are exactly the
     image's label classes and its maps have the strided size."""
-    seeds = load_npz(path)
-    for key in ("cam", "keys"):
-        if key not in seeds:
-            raise InputError(f"{path} has no '{key}' array (it has {sorted(seeds)}); expected a CAM file of "
-                             f"make_cam / make_advcam: re-run that step")
-    cam, keys = seeds["cam"].astype(np.float32), seeds["keys"].astype(np.int64).reshape(-1)
-    label_classes = np.nonzero(np.asarray(label))[0]
-    if not np.array_equal(np.sort(keys), label_classes):
-        raise InputError(f"{path} holds seeds for classes {keys.tolist()} but the image's labels are "
-                         f"{label_classes.tolist()}: the CAM files belong to other images or labels; re-run "
-                         f"make_cam / make_advcam for --infer_list")
-    if cam.ndim != 3 or cam.shape[0] != keys.size or cam.shape[1:] != tuple(strided_size):
-        raise InputError(f"{path}: cam {cam.shape} does not fit {keys.size} keys at the strided size "
-                         f"{tuple(strided_size)} of its image; re-run make_cam / make_advcam")
+    keys, cam = read_cam_file(path, "cam", label, strided_size)
     return cam, keys
 
 
@@ -86,6 +74,12 @@ def run(args):
         raise InputError(f"{len(missing)} CAM file(s) of --infer_list missing from {args.sem_seg_cam_dir}, "
                          f"e.g. {seed_path(missing[0])}: run make_cam / make_advcam on the same "
                          f"--infer_list first")
+    inputs = {"cams": provenance.folder_identity(args.sem_seg_cam_dir),
+              "irn_weights": provenance.input_file(args.irn_weights_name, "the IRN weights (.pth); run train_irn "
+                                                                          "(--train_irn_pass true) first"),
+              **provenance.flag_values(args, ["beta", "exp_times", "rw_radius", "sem_seg_bg_thres", "np_power",
+                                              "irn_crop_size", "backbone_width"])}
+    provenance.claim_folder(args.sem_seg_out_dir, "make_sem_seg", inputs, ".png", args, "--sem_seg_out_dir")
     todo = pending(ids, lambda img_id: _out_path(args.sem_seg_out_dir, img_id))
     print(f"make_sem_seg_labels: {len(ids) - len(todo)} of {len(ids)} done already, {len(todo)} to do "
           f"-> {args.sem_seg_out_dir}")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from misc import imutils
+from misc import imutils, provenance
 from misc.utils import InputError, atomic_path, require_file
 from net.resnet50_cam import Net, load_classifier
 from voc12.dataloader import CAT_LIST
@@ -160,10 +160,22 @@ def read_manifest(pool_root):
                          f'{{"path", "hard", "cue"}} entries (written by toy.toyvoc)') from None
 
 
+def provenance_inputs(args):
+    """What decides the mined list (misc/provenance.py)."""
+    return {"id_weights": provenance.input_file(args.cam_weights_name, "the ID classifier weights (.pth); run "
+                                                                        "train_cam (--train_cam_pass true) first"),
+            "candidates": provenance.input_file(args.ood_pool_list, "the candidate OoD list (--ood_pool_list)"),
+            "exclusions": provenance.file_digest(args.mine_exclude),
+            **provenance.flag_values(args, ["backbone_width", "ood_long_side", "mine_th", "mine_max_keep"])}
+
+
 def run(args):
-    if os.path.exists(args.ood_list):
-        print(f"mine_ood: {args.ood_list} exists, skipped (delete it to mine again)")
+    # a released list needs no candidate pool: its inputs are computed only to compare with a record
+    kept = provenance.file_up_to_date(args.ood_list, "mine_ood", lambda: provenance_inputs(args), args, "--ood_list")
+    if kept:
+        print(f"mine_ood: {args.ood_list} exists; keeping it ({kept})")
         return
+    inputs = provenance_inputs(args)
     device = torch.device(args.device)
     paths = load_ood_list(args.ood_pool_root, args.ood_pool_list)
     excluded = read_exclusions(args.mine_exclude, paths)
@@ -185,7 +197,9 @@ def run(args):
     kept_paths = [paths[i] for i in kept]
     sheets = write_contact_sheets(args.work_dir, args.ood_pool_root, kept_paths,
                                   [f"{score[i]:.3f} {CAT_LIST[top[i]]}" for i in kept])
+    provenance.forget_file(args.ood_list)
     write_lines(args.ood_list, kept_paths)
+    provenance.record_file(args.ood_list, "mine_ood", inputs)
     print(f"mine_ood: wrote {args.ood_list} ({len(kept)} images, scores {score[kept[0]]:.3f} .. "
           f"{score[kept[-1]]:.3f}); contact sheet {', '.join(sheets)}")
     if args.ood_root and os.path.abspath(args.ood_root) != os.path.abspath(args.ood_pool_root):

@@ -3,19 +3,19 @@
 train_aug with the classification training recipe (random resize-long, flip, random crop),
 multilabel soft-margin loss, PolyOptimizer (backbone lr x1, classifier lr x10, SPEC 3). After each
 epoch the same loss on the val list (top-left crop). The state dict is saved atomically at the end;
-the step is the unit of resumption: if the weights file exists, it is kept and training is skipped.
+the step is the unit of resumption: if the weights file exists and its provenance record
+(misc/provenance.py) matches the flags, it is kept and training is skipped.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc.torchutils import make_poly_optimizer
-from misc.utils import InputError, save_torch
+from misc.torchutils import make_poly_optimizer, require_finite
+from misc import provenance
+from misc.utils import InputError
 from net.resnet50_cam import PARAM_GROUP_LR_MULT, new_id_classifier
-from voc12.dataloader import VOC12ClassificationDataset
+from voc12.dataloader import VOC12ClassificationDataset, load_img_name_list
 
 
 def classification_loss(logits, labels):
@@ -36,9 +36,24 @@ def validation_loss(model, loader, device):
     return total / max(count, 1)
 
 
+def _suspects(args):
+    return {"--cam_learning_rate": args.cam_learning_rate, "--cam_weight_decay": args.cam_weight_decay}
+
+
+def provenance_inputs(args):
+    """What decides train_cam's weights (misc/provenance.py)."""
+    return {"pretrained": provenance.file_digest(args.pretrained),
+            "train_list": provenance.list_digest(load_img_name_list(args.voc12_root, args.train_list)),
+            **provenance.flag_values(args, ["backbone_width", "cam_batch_size", "cam_num_epoches", "cam_learning_rate",
+                                            "cam_weight_decay", "cam_crop_size", "cam_resize_long", "real_momentum",
+                                            "seed"])}
+
+
 def run(args):
-    if os.path.isfile(args.cam_weights_name):
-        print(f"train_cam: {args.cam_weights_name} exists; keeping it (delete it to train again)")
+    inputs = provenance_inputs(args)
+    kept = provenance.file_up_to_date(args.cam_weights_name, "train_cam", inputs, args, "--cam_weights_name")
+    if kept:
+        print(f"train_cam: {args.cam_weights_name} exists; keeping it ({kept})")
         return
     device = torch.device(args.device)
     train_dataset = VOC12ClassificationDataset.for_training(
@@ -72,11 +87,13 @@ def run(args):
             loss = classification_loss(logits, pack["label"].to(device, non_blocking=True))
             optimizer.zero_grad()
             loss.backward()
+            require_finite("train_cam", epoch + 1, step, _suspects(args), loss, model.parameters())
             optimizer.step()
             epoch_loss += loss.item()
             bar.set_postfix(loss=f"{epoch_loss / step:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         val = validation_loss(model, val_loader, device)
         print(f"train_cam epoch {epoch + 1}/{args.cam_num_epoches}: train loss {epoch_loss / steps_per_epoch:.4f}, "
               f"val loss {val:.4f}")
-    save_torch(args.cam_weights_name, model.state_dict())
+    require_finite("train_cam", args.cam_num_epoches, None, _suspects(args), state_dict=model.state_dict())
+    provenance.save_weights(args.cam_weights_name, model.state_dict(), "train_cam", inputs)
     print(f"train_cam: saved {args.cam_weights_name}")

@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc import indexing
-from misc.torchutils import make_poly_optimizer
-from misc.utils import InputError, require_dir, save_torch
+from misc import indexing, provenance
+from misc.torchutils import make_poly_optimizer, require_finite
+from misc.utils import InputError, require_dir
 from net.resnet50_irn import FEATURE_STRIDE, PARAM_GROUP_LR_MULT, new_training_module
 from voc12.affinity import VOC12AffinityDataset
 from voc12.dataloader import VOC12ImageDataset, load_img_name_list
@@ -75,9 +75,27 @@ def _require_ir_labels(args):
                          f"--infer_list {args.train_list}")
 
 
+def _suspects(args):
+    return {"--irn_learning_rate": args.irn_learning_rate, "--irn_weight_decay": args.irn_weight_decay}
+
+
+def provenance_inputs(args):
+    """What decides train_irn's weights (misc/provenance.py)."""
+    no_imagenet = str(args.pretrained).lower() == "none"  # then the backbone is the ID classifier's
+    return {"backbone": provenance.file_digest(args.cam_weights_name if no_imagenet else args.pretrained),
+            "ir_labels": provenance.folder_identity(args.ir_label_out_dir),
+            "train_list": provenance.list_digest(load_img_name_list(args.voc12_root, args.train_list)),
+            "infer_list": provenance.list_digest(load_img_name_list(args.voc12_root, args.infer_list)),
+            **provenance.flag_values(args, ["backbone_width", "irn_crop_size", "irn_batch_size", "irn_num_epoches",
+                                            "irn_learning_rate", "irn_weight_decay", "irn_radius", "real_momentum",
+                                            "seed"])}
+
+
 def run(args):
-    if os.path.exists(args.irn_weights_name):
-        print(f"train_irn: {args.irn_weights_name} exists, skipped (delete it to retrain)")
+    inputs = provenance_inputs(args)
+    kept = provenance.file_up_to_date(args.irn_weights_name, "train_irn", inputs, args, "--irn_weights_name")
+    if kept:
+        print(f"train_irn: {args.irn_weights_name} exists; keeping it ({kept})")
         return
     _check_args(args)
     device = torch.device(args.device)
@@ -121,8 +139,9 @@ def run(args):
                                 pack["aff_neg_label"].to(device))
             optimizer.zero_grad()
             losses["total"].backward()
-            optimizer.step()
             count += 1
+            require_finite("train_irn", epoch + 1, count, _suspects(args), losses["total"], model.parameters())
+            optimizer.step()
             for k in ("pos", "neg", "dp_fg", "dp_bg"):
                 sums[k] = sums.get(k, 0.0) + losses[k].item()
             progress.set_postfix({k: f"{v / count:.4f}" for k, v in sums.items()})
@@ -136,5 +155,7 @@ def run(args):
     # clone: a normal tensor, not an inference-mode one
     model.mean_shift.running_mean = mean_displacement(model, infer_loader, device).clone().to(device)
     print(f"train_irn: mean displacement {model.mean_shift.running_mean.tolist()}")
-    save_torch(args.irn_weights_name, {k: v.cpu() for k, v in model.state_dict().items()})
+    require_finite("train_irn", args.irn_num_epoches, None, _suspects(args), state_dict=model.state_dict())
+    provenance.save_weights(args.irn_weights_name, {k: v.cpu() for k, v in model.state_dict().items()}, "train_irn",
+                            inputs)
     print(f"train_irn: saved {args.irn_weights_name}")

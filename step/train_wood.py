@@ -18,7 +18,7 @@ training, CAMs (make_cam's maths, scales args.select_scales) are scored at thres
 args.select_eval_thres (as released, with the confusion matrix accumulating over the thresholds,
 step.eval_cam.accumulated_sweep; --select_accumulate false: one matrix per threshold); the weights
 with the best mIoU so far are kept (ties keep the earlier ones). With it off, the final weights are saved. Output: args.wood_weights_name,
-written atomically; if it exists the step is skipped. The prototypes are also saved, for
+written atomically; if it exists, made by the same inputs (misc/provenance.py), the step is skipped. The prototypes are also saved, for
 inspection only, to <work_dir>/wood_prototypes.npz.
 """
 import os
@@ -28,8 +28,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc.torchutils import make_poly_optimizer
-from misc.utils import InputError, save_npz, save_torch
+from misc.torchutils import make_poly_optimizer, require_finite
+from misc import provenance
+from misc.utils import InputError, save_npz
 from net.resnet50_cam import CAM, PARAM_GROUP_LR_MULT, Net, load_classifier
 from step.eval_cam import accumulated_sweep, best_threshold, sweep_thresholds
 from step.make_cam import cam_maps, keep_label_classes
@@ -130,9 +131,33 @@ def compute_prototypes(model, args, device, ood_paths):
     return torch.cat([ids, ood]).to(device)
 
 
+def _suspects(args):
+    return {"--wood_learning_rate": args.wood_learning_rate, "--ood_coeff": args.ood_coeff,
+            "--distance_lambda": args.distance_lambda, "--ood_adv_step": args.ood_adv_step}
+
+
+def provenance_inputs(args):
+    """What decides train_wood's weights (misc/provenance.py)."""
+    return {"id_weights": provenance.input_file(args.cam_weights_name, "the ID classifier weights (.pth); run "
+                                                                        "train_cam (--train_cam_pass true) first"),
+            "ood_list": provenance.input_file(args.ood_list, "the hard OoD list; run mine_ood first"),
+            "train_list": provenance.list_digest(load_img_name_list(args.voc12_root, args.train_list)),
+            "chainer_eval_set": provenance.list_digest(load_img_name_list(args.voc12_root, args.chainer_eval_set)),
+            **provenance.flag_values(args, [
+                "backbone_width", "cam_crop_size", "cam_resize_long", "ood_long_side", "wood_batch_size",
+                "ood_batch_size", "wood_num_epoches", "wood_learning_rate", "wood_weight_decay", "cluster_K",
+                "kmeans_iter", "distance_lambda", "ood_dist_topk", "ood_coeff", "ood_adv_step", "ood_mask_class",
+                "select_by_gt", "select_scales", "select_eval_thres", "select_every", "select_accumulate",
+                "select_before_update", "wood_empty_cluster",
+                "real_momentum", "seed"])}
+
+
 def run(args):
-    if os.path.isfile(args.wood_weights_name):
-        print(f"train_wood: {args.wood_weights_name} exists; keeping it (delete it to train again)")
+    inputs = provenance_inputs(args)
+    kept = provenance.file_up_to_date(args.wood_weights_name, "train_wood", inputs, args,
+                                  "--wood_weights_name")
+    if kept:
+        print(f"train_wood: {args.wood_weights_name} exists; keeping it ({kept})")
         return
     device = torch.device(args.device)
     # inputs first, so that a bad list fails before minutes of feature extraction
@@ -185,6 +210,7 @@ def run(args):
             loss, parts = wood_loss(model, img, label, ood_img, prototypes, args)
             optimizer.zero_grad()  # also clears what the anti-adversarial step would leave
             loss.backward()
+            require_finite("train_wood", epoch + 1, step + 1, _suspects(args), loss, model.parameters())
             optimizer.step()
             sums["loss"] += loss.item()
             for k, v in parts.items():
@@ -206,5 +232,6 @@ def run(args):
         state = selector.best_state
         print(f"train_wood: selected the weights of {tag} (CAM mIoU {100 * miou:.2f} at threshold {threshold} "
               f"on {args.chainer_eval_set}, ground truth used) among {len(selector.history)} evaluations")
-    save_torch(args.wood_weights_name, state)
+    require_finite("train_wood", args.wood_num_epoches, None, _suspects(args), state_dict=state)
+    provenance.save_weights(args.wood_weights_name, state, "train_wood", inputs)
     print(f"train_wood: saved {args.wood_weights_name}")

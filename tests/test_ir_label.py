@@ -138,7 +138,8 @@ def test_run_names_bad_inputs(tmp_path):
         c2ir.run(args)
     _write_cams(args, voc, voc["train"])
     bad = missing
-    save_npz(bad, keys=np.array([1]), high_res=np.zeros((1, 10, 10), np.float32))
+    keys = np.nonzero(voc["labels"][voc["train"][1]])[0]  # the right classes, maps of the wrong size
+    save_npz(bad, keys=keys, high_res=np.zeros((keys.size, 10, 10), np.float32))
     with pytest.raises(InputError, match=f"{bad}: high_res"):
         c2ir.run(args)
     assert not os.path.exists(os.path.join(args.ir_label_out_dir, voc["train"][1] + ".png"))

@@ -187,7 +187,7 @@ def test_seed_files_that_do_not_fit_are_named(tmp_path):
     with pytest.raises(InputError, match=f"{path} has no 'cam'"):
         msl.run(args)
     save_npz(path, keys=keys, cam=np.ones((keys.size, 15, 16), np.float32))
-    with pytest.raises(InputError, match=f"{path}.*strided size"):
+    with pytest.raises(InputError, match=rf"{path}: cam \(.*\) is not one map per key .* at size \(16, 16\)"):
         msl.run(args)
     os.remove(path)
     with pytest.raises(InputError, match=f"missing from {args.sem_seg_cam_dir}"):

@@ -10,6 +10,7 @@ from PIL import Image
 
 import run_sample
 from step import mine_ood, train_cam
+from tests.fakevoc import make_fake_voc
 from tests.test_cam_net import WIDTH, OriginalStyleNet
 from net.resnet50_cam import CAM, load_classifier
 
@@ -18,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_release_files_at_their_places_are_used(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    make_fake_voc(tmp_path / "Data" / "VOC2012", n_train=2, n_val=1, size=32, seed=0)
     images = tmp_path / "WOoD_dataset" / "openimages" / "OoD_images"
     images.mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "a.jpg")
@@ -29,9 +31,9 @@ def test_release_files_at_their_places_are_used(tmp_path, monkeypatch, capsys):
     args = run_sample.parse_args(["--work_dir", str(tmp_path / "work"), "--device", "cpu",
                                   "--backbone_width", str(WIDTH)])
     train_cam.run(args)
-    assert "sess/res50_cam_orig.pth.pth exists; keeping it" in capsys.readouterr().out
+    assert "sess/res50_cam_orig.pth.pth exists; keeping it (no provenance record" in capsys.readouterr().out
     mine_ood.run(args)
-    assert "WOoD_dataset/openimages/ood_list.txt exists, skipped" in capsys.readouterr().out
+    assert "WOoD_dataset/openimages/ood_list.txt exists; keeping it (no provenance record" in capsys.readouterr().out
     model = load_classifier(args, args.cam_weights_name, cls=CAM)
     x = torch.randn(2, 3, 48, 40)
     with torch.no_grad():

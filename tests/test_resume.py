@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import run_sample
+from misc.provenance import FOLDER_MANIFEST
 from misc.utils import InputError, load_npz, save_torch
 from net.resnet50_cam import CAM
 
@@ -155,7 +156,7 @@ def visible_outputs(folder, suffix):
 
 
 def assert_only_hidden_leftovers(folder, outputs, sig, log):
-    others = sorted(set(os.listdir(folder)) - set(outputs))
+    others = sorted(set(os.listdir(folder)) - set(outputs) - {FOLDER_MANIFEST})  # the folder's provenance record
     if sig == signal.SIGINT:
         # the process could clean up: the half-written temp file must be gone
         assert others == [], f"SIGINT left {others} in {folder}:\n{tail(log)}"
@@ -163,8 +164,8 @@ def assert_only_hidden_leftovers(folder, outputs, sig, log):
         assert name.startswith("."), f"leftover {name} in {folder} would be taken for an output"
 
 
-def make_random_weights(path):
-    torch.manual_seed(0)
+def make_random_weights(path, seed=0):
+    torch.manual_seed(seed)
     model = CAM(width=WIDTH)
     with torch.no_grad():  # non-trivial frozen BN statistics
         for m in model.modules():

@@ -11,6 +11,7 @@ from PIL import Image
 
 import run_sample
 from fakevoc import make_fake_voc
+from misc.torchutils import TrainingDiverged
 from misc.utils import InputError, load_torch, save_torch
 from net.resnet50_cam import Net
 from step import train_wood
@@ -324,3 +325,14 @@ def test_train_wood_bad_ood_input(wood_setup, tmp_path):
     with pytest.raises(InputError, match="cannot read image .*o3.jpg"):
         train_wood.run(args)
     assert not os.path.exists(args.wood_weights_name)
+
+
+@pytest.mark.filterwarnings("ignore:no image of class")
+def test_train_wood_that_diverges_stops_and_saves_nothing(wood_setup):
+    args = wood_setup
+    args.wood_learning_rate, args.ood_coeff = 1e12, 1e6   # the push-down's steps explode (issue 14)
+    with pytest.raises(TrainingDiverged, match=r"train_wood diverged: .* at epoch 1 iteration \d+; nothing was "
+                                               r"saved\. Lower .*--wood_learning_rate 1e\+12.*--ood_coeff 1e\+06"):
+        train_wood.run(args)
+    assert not os.path.exists(args.wood_weights_name)
+    assert not os.path.exists(args.wood_weights_name + ".provenance.json")

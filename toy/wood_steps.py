@@ -25,7 +25,7 @@ from wood.losses import (anti_adversarial_ood_step, classification_loss, distanc
 
 def grad_norm(term, params):
     grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)).item()
+    return sum((g.double() ** 2).sum().item() for g in grads if g is not None) ** 0.5
 
 
 def main():

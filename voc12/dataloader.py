@@ -4,6 +4,7 @@ Names are image id strings such as "2007_000032" (IRN encodes them as ints; not 
 Every folder a dataset needs is checked when it is built, so a wrong `voc12_root` fails at once
 with a message naming the folder, not later inside a DataLoader worker.
 """
+import collections
 import os
 import xml.etree.ElementTree as ET
 
@@ -69,7 +70,12 @@ def _read_id_file(path, what):
                                  f"image id per line (e.g. 2007_000032)")
     if not ids:
         raise InputError(f"image list {path} is empty: expected {what}")
-    return ids
+    unique = list(dict.fromkeys(ids))
+    if len(unique) < len(ids):
+        repeated = next(i for i, n in collections.Counter(ids).items() if n > 1)
+        print(f"warning: image list {path} names {len(ids) - len(unique)} id(s) more than once (e.g. {repeated}); "
+              f"each is used once")
+    return unique
 
 
 def load_img_name_list(voc12_root, list_spec):
@@ -101,12 +107,24 @@ def _as_name_list(voc12_root, img_name_list):
 
 
 def require_images(voc12_root, ids):
-    """InputError if any listed image is missing from JPEGImages (checked once, up front)."""
+    """InputError if any listed image is missing from JPEGImages or has no readable image header (checked
+    once, up front: a bad file fails here, not in the middle of an epoch)."""
     voc_dir(voc12_root, "JPEGImages")
     missing = [i for i in ids if not os.path.isfile(img_path(voc12_root, i))]
     if missing:
         raise InputError(f"{len(missing)} listed image(s) missing from {os.path.join(voc12_root, 'JPEGImages')}, "
                          f"e.g. {img_path(voc12_root, missing[0])}: the image list does not match the images")
+    for i in ids:
+        require_image_header(img_path(voc12_root, i))
+
+
+def require_image_header(path):
+    """InputError naming `path` unless PIL recognises its header (the pixels are not decoded: fast)."""
+    try:
+        Image.open(path).close()  # opening parses the header only
+    except Exception as e:
+        raise InputError(f"{path} is not a readable image ({type(e).__name__}: {e}): replace the file or "
+                         f"remove its id from the list") from None
 
 
 # ------------------------------------------------------------------------------ image-level labels
@@ -175,6 +193,9 @@ def load_image_labels(voc12_root, ids):
 
 # ----------------------------------------------------------------------------------- ground truth
 
+GT_VALUES = np.array(list(range(21)) + [255])   # background, the 20 classes, void
+
+
 def read_index_png(path, what):
     """A single-channel PNG ("P" palette or "L") as its (H, W) uint8 indices, never its colours."""
     require_file(path, what)
@@ -194,7 +215,13 @@ def read_index_png(path, what):
 def load_gt(voc12_root, img_id):
     """(H, W) uint8 class indices of SegmentationClass/<id>.png (255 = ignore)."""
     folder = voc_dir(voc12_root, "SegmentationClass")
-    return read_index_png(os.path.join(folder, img_id + ".png"), "a VOC ground-truth palette PNG")
+    path = os.path.join(folder, img_id + ".png")
+    gt = read_index_png(path, "a VOC ground-truth palette PNG")
+    bad = np.setdiff1d(np.unique(gt), GT_VALUES)
+    if bad.size:
+        raise InputError(f"{path} holds the value(s) {bad.tolist()}: a ground truth has classes 0-20 and 255 "
+                         f"(void); is it a colour PNG saved with another palette, or another dataset's label?")
+    return gt
 
 
 # ---------------------------------------------------------------------------------------- datasets
