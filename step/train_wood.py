@@ -48,20 +48,31 @@ PROTOTYPES_FILE = "wood_prototypes.npz"
 
 # ------------------------------------------------------------------------------------------ maths
 
-def wood_loss(model, img, label, ood_img, prototypes, args):
-    """The loss of SPEC 4.3 step 6 and its parts (floats) for one ID batch and one OoD batch.
-
-    `prototypes` is (C + K, D): the C class prototypes then the K OoD prototypes.
+def wood_terms(model, img, label, ood_img, prototypes, args):
+    """The three loss terms of SPEC 4.3 (unweighted tensors: "cls", "dist", "ood") for one ID batch and one
+    OoD batch, and what they came from ("features": GAP(stage4) of the ID batch, "logits", "ood_logits": of
+    the anti-adversarial OoD batch). `prototypes` is (C + K, D): the C class prototypes, then the K OoD ones.
     """
     n_classes = label.shape[1]
     logits, features = model.feature_list(img)
     distances = prototype_distances(features[-1], prototypes)
-    loss_cls = classification_loss(logits, label)
-    loss_dist = distance_loss(distances, label, n_classes, prototypes.shape[0] - n_classes, args.ood_dist_topk)
-    ood_adv = anti_adversarial_ood_step(model, ood_img, args.ood_adv_step)
-    loss_ood = ood_negative_loss(model(ood_adv), args.ood_mask_class, img.shape[0])
-    loss = loss_cls + args.distance_lambda * loss_dist + args.ood_coeff * loss_ood
-    return loss, {"cls": loss_cls.item(), "dist": loss_dist.item(), "ood": loss_ood.item()}
+    ood_logits = model(anti_adversarial_ood_step(model, ood_img, args.ood_adv_step))
+    terms = {"cls": classification_loss(logits, label),
+             "dist": distance_loss(distances, label, n_classes, prototypes.shape[0] - n_classes, args.ood_dist_topk),
+             "ood": ood_negative_loss(ood_logits, args.ood_mask_class, img.shape[0])}
+    return terms, {"features": features[-1], "logits": logits, "ood_logits": ood_logits}
+
+
+def weighted_terms(terms, args):
+    """Each term times its weight (SPEC 4.3 step 6): their sum is the loss."""
+    return {"cls": terms["cls"], "dist": args.distance_lambda * terms["dist"], "ood": args.ood_coeff * terms["ood"]}
+
+
+def wood_loss(model, img, label, ood_img, prototypes, args):
+    """The loss of SPEC 4.3 step 6 and its unweighted parts (floats)."""
+    terms, _ = wood_terms(model, img, label, ood_img, prototypes, args)
+    loss = sum(weighted_terms(terms, args).values())
+    return loss, {k: v.item() for k, v in terms.items()}
 
 
 def selection_due(epoch, step, n_epochs, steps_per_epoch, every):
