@@ -9,8 +9,12 @@ The modules and their names follow deeplab-pytorch's `libs/models` (`_ConvBnReLU
 - BatchNorm frozen (running statistics always; its affine parameters are not trained);
 - `width` scales every layer (64 = the real network), `n_blocks` gives ResNet-101 (3, 4, 23, 3) or,
   for the toy's ToyNet weights, ResNet-50 (3, 4, 6, 3);
-- `stride_in_3x3=True` moves the stride into the 3x3 conv: the variant built for torchvision's ImageNet
-  weights (`resnet101-63fe2227.pth`), whose bottlenecks were trained that way (README "Deviations").
+- `torchvision_variant=True`: the variant built for torchvision-format ImageNet weights
+  (`resnet101-63fe2227.pth`, the toy's ToyNet file), whose bottlenecks have the stride in the 3x3 conv and
+  which were trained on torchvision's input (RGB in [0, 1], ImageNet mean / std): a first module `input`
+  turns the pipeline's caffe-style input (BGR minus MEAN_BGR) into that, so the weights see the image as
+  they were trained to (README "Deviations"). Its buffers mark the variant in the state dict (`input.*`),
+  so a trained network reloads as the variant it was built as.
 
     from net.deeplab_v2 import deeplab_v2
     model = deeplab_v2(n_classes=21, weights="deeplabv2_resnet101_msc-cocostuff164k-100000.pth").eval()
@@ -23,10 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from misc.imutils import IMAGENET_MEAN, IMAGENET_STD
 from misc.torchutils import load_canonical_state
 from misc.utils import InputError, load_torch
 from net.resnet50 import FixedBatchNorm
 
+MEAN_BGR = (104.008, 116.669, 122.675)  # deeplab-pytorch's (caffe's) input: BGR minus this, no std division
 RESNET101_BLOCKS = (3, 4, 23, 3)
 ASPP_RATES = (6, 12, 18, 24)
 MSC_SCALES = (0.5, 0.75)
@@ -101,11 +107,30 @@ class _ASPP(nn.Module):
         return sum(stage(x) for stage in self.children())
 
 
-class DeepLabV2(nn.Sequential):
-    """layer1 (stem), layer2..layer5 (dilated ResNet), aspp: logits at output stride 8."""
+class _TorchvisionInput(nn.Module):
+    """Caffe-style input (BGR, 0-255, minus MEAN_BGR) -> torchvision's (RGB / 255, minus ImageNet's mean,
+    divided by its std): the input that torchvision-format weights were trained on."""
 
-    def __init__(self, n_classes=21, n_blocks=RESNET101_BLOCKS, width=64, stride_in_3x3=False):
+    def __init__(self):
         super().__init__()
+        self.register_buffer("bgr_mean", torch.tensor(MEAN_BGR).view(1, 3, 1, 1))
+        self.register_buffer("rgb_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("rgb_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        rgb = (x + self.bgr_mean).flip(1) / 255
+        return (rgb - self.rgb_mean) / self.rgb_std
+
+
+class DeepLabV2(nn.Sequential):
+    """[input (torchvision variant)], layer1 (stem), layer2..layer5 (dilated ResNet), aspp: logits at
+    output stride 8."""
+
+    def __init__(self, n_classes=21, n_blocks=RESNET101_BLOCKS, width=64, torchvision_variant=False):
+        super().__init__()
+        stride_in_3x3 = torchvision_variant
+        if torchvision_variant:
+            self.add_module("input", _TorchvisionInput())
         ch = [width * 2 ** p for p in range(6)]  # 64, 128, 256, 512, 1024, 2048 at width 64
         self.add_module("layer1", _Stem(ch[0]))
         self.add_module("layer2", _ResLayer(n_blocks[0], ch[0], ch[2], 1, 1, stride_in_3x3))
@@ -192,7 +217,9 @@ def read_weights(path):
     if any(k.startswith(("layer1.conv1.", "base.layer1.conv1.")) for k in keys):
         origin = {(k[len("base."):] if k.startswith("base.") else k): k for k in keys}
         merged = {ours: state[k] for ours, k in origin.items()}
-        return merged, "deeplab", _count_blocks(list(merged), _DL_BLOCK, (2, 3, 4, 5)), origin
+        # a network built on torchvision weights carries its input module's buffers (DeepLabV2)
+        layout = "torchvision" if any(k.startswith("input.") for k in merged) else "deeplab"
+        return merged, layout, _count_blocks(list(merged), _DL_BLOCK, (2, 3, 4, 5)), origin
     if "conv1.weight" in keys:
         origin = {}
         for k in keys:
@@ -227,7 +254,10 @@ def deeplab_v2(n_classes=21, weights=None, width=64, n_blocks=RESNET101_BLOCKS, 
                          f"width {file_width} (--seg_width)")
     if any(n == 0 for n in n_blocks):
         raise InputError(f"{weights}: no blocks found for some stage (blocks per stage {n_blocks})")
-    base = DeepLabV2(n_classes, n_blocks, width, stride_in_3x3=(layout == "torchvision"))
+    base = DeepLabV2(n_classes, n_blocks, width, torchvision_variant=(layout == "torchvision"))
+    for key, value in base.input.state_dict().items() if layout == "torchvision" else ():
+        if "input." + key not in merged:  # a torchvision file itself: the constants come from the code
+            merged["input." + key], origin["input." + key] = value, "input." + key
     if not any(k.startswith("aspp.") for k in merged):
         fresh = base.aspp.state_dict()
         merged.update({"aspp." + k: v for k, v in fresh.items()})
@@ -237,7 +267,7 @@ def deeplab_v2(n_classes=21, weights=None, width=64, n_blocks=RESNET101_BLOCKS, 
     load_canonical_state(base, merged, origin, weights, f"a DeepLab-v2 ({layout} layout, blocks {n_blocks})",
                          width)
     log(f"deeplab_v2: loaded {weights} ({layout} layout, blocks {n_blocks}, width {width}"
-        f"{', stride in the 3x3 conv' if layout == 'torchvision' else ''})")
+        f"{', stride in the 3x3 conv, torchvision input' if layout == 'torchvision' else ''})")
     return MSC(base)
 
 

@@ -27,10 +27,9 @@ from tqdm import tqdm
 
 from misc.imutils import read_rgb
 from misc.utils import InputError, load_torch, require_dir, save_torch
-from net.deeplab_v2 import deeplab_v2, msc_state_dict
+from net.deeplab_v2 import MEAN_BGR, deeplab_v2, msc_state_dict
 from voc12.dataloader import img_path, load_img_name_list, read_index_png, require_images
 
-MEAN_BGR = (104.008, 116.669, 122.675)  # deeplab-pytorch's (caffe's) mean, BGR, no std division
 IGNORE = 255
 N_CLASSES = 21
 GROUP_LR_MULT = (1, 10, 20)        # backbone convolutions, ASPP weights, ASPP biases

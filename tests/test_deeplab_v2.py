@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from misc.utils import InputError
-from net.deeplab_v2 import DeepLabV2, MSC, deeplab_v2, read_weights
+from misc.imutils import IMAGENET_MEAN, IMAGENET_STD
+from net.deeplab_v2 import MEAN_BGR, MSC, DeepLabV2, deeplab_v2, msc_state_dict, read_weights
 from net.resnet50 import ResNet50
 
 WIDTH = 4
@@ -68,12 +69,23 @@ def test_torchvision_layout_loads_with_the_stride_in_the_3x3_conv(tmp_path):
     assert len(model.base.layer4) == 6
     assert model.base.layer3.block1.conv3x3.conv.stride == (2, 2)
     assert model.base.layer3.block1.reduce.conv.stride == (1, 1)
-    # torchvision's layer1..layer2 features (no dilation yet; 65 px: ceil_mode pools to the same size)
+    # torchvision's layer1..layer2 features (no dilation yet; 65 px: ceil_mode pools to the same size) of
+    # the same image: torchvision's input x, and the pipeline's caffe-style input of that image
     x = torch.randn(1, 3, 65, 65)
+    rgb = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    caffe = rgb.flip(1) * 255 - torch.tensor(MEAN_BGR).view(1, 3, 1, 1)
     with torch.no_grad():
-        ours = model.base.layer3(model.base.layer2(model.base.layer1(x)))
+        assert torch.allclose(model.base.input(caffe), x, atol=1e-5)
+        ours = model.base.layer3(model.base.layer2(model.base.layer1(model.base.input(caffe))))
         theirs = tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))
-    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    # (random weights make the features ~1e8: the input's float rounding, relative to their scale)
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    # trained on those weights, it reloads as the same variant (its input.* buffers mark it)
+    torch.save(msc_state_dict(model), tmp_path / "trained.pth")
+    again = deeplab_v2(21, str(tmp_path / "trained.pth"), width=WIDTH, log=lambda m: None).eval()
+    assert again.base.layer3.block1.conv3x3.conv.stride == (2, 2) and hasattr(again.base, "input")
+    with torch.no_grad():
+        assert torch.equal(again(caffe), model.eval()(caffe))
 
 
 def test_own_checkpoint_round_trip(tmp_path):
