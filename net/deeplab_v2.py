@@ -255,9 +255,10 @@ def deeplab_v2(n_classes=21, weights=None, width=64, n_blocks=RESNET101_BLOCKS, 
     if any(n == 0 for n in n_blocks):
         raise InputError(f"{weights}: no blocks found for some stage (blocks per stage {n_blocks})")
     base = DeepLabV2(n_classes, n_blocks, width, torchvision_variant=(layout == "torchvision"))
-    for key, value in base.input.state_dict().items() if layout == "torchvision" else ():
-        if "input." + key not in merged:  # a torchvision file itself: the constants come from the code
-            merged["input." + key], origin["input." + key] = value, "input." + key
+    if layout == "torchvision":  # a torchvision file itself has no input.* buffers: they come from the code
+        for key, value in base.input.state_dict().items():
+            merged.setdefault("input." + key, value)
+            origin.setdefault("input." + key, "input." + key)
     if not any(k.startswith("aspp.") for k in merged):
         fresh = base.aspp.state_dict()
         merged.update({"aspp." + k: v for k, v in fresh.items()})
