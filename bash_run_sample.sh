@@ -4,6 +4,7 @@
 #   bash bash_run_sample.sh --toy            # ToyVOC on a CPU: generates the data if missing
 #   bash bash_run_sample.sh                  # the paper's configuration on real VOC 2012
 #   bash bash_run_sample.sh --toy --train_cam_pass false --device cpu    # extra flags go to every stage
+#   bash bash_run_sample.sh --nproc 4        # every step on 4 processes (torchrun: one GPU each; CPU: gloo)
 #
 # Every stage is one call of run_sample.py; every step resumes (finished outputs are skipped), so the
 # same command continues an interrupted run. Results: <work_dir>/summary.json, summary.md, samples.png.
@@ -12,8 +13,17 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 
 PRESET=paper
-if [ "${1:-}" = "--toy" ]; then PRESET=toy; shift; fi
+NPROC=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --toy) PRESET=toy; shift ;;
+    --nproc) NPROC=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
 EXTRA=("$@")
+# several processes through torchrun (README "Several GPUs / several nodes"); one: plain python
+if [ "$NPROC" -gt 1 ]; then RUN=($PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC"); else RUN=($PY); fi
 
 # the value of a flag after the preset and the extra flags are applied (one source of truth: the driver)
 flag() { $PY -c "import run_sample, sys; print(getattr(run_sample.parse_args(sys.argv[1:]), '$1'))" \
@@ -66,7 +76,7 @@ fi
 OFF=()
 for s in train_cam mine_ood train_wood make_cam eval_cam make_advcam eval_advcam cam_to_ir_label \
          train_irn make_sem_seg eval_sem_seg train_seg eval_seg; do OFF+=("--${s}_pass" false); done
-stage() { echo "== stage: $1"; shift; $PY run_sample.py --preset "$PRESET" "${OFF[@]}" "$@" "${EXTRA[@]}"; }
+stage() { echo "== stage: $1"; shift; "${RUN[@]}" run_sample.py --preset "$PRESET" "${OFF[@]}" "$@" "${EXTRA[@]}"; }
 
 # mine hard OoD from a candidate pool unless a ready list (e.g. the paper's release) is given
 MINE=true

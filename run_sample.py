@@ -36,6 +36,9 @@ STEPS = [
     ("train_seg", "step.train_seg"),                 # DeepLab-v2 on the pseudo masks (SPEC 8)
     ("eval_seg", "step.eval_seg"),                   # its val / test predictions, with and without CRF
 ]
+# Under torchrun (misc/dist.py) these run on rank 0 alone while the others wait: they read files and score
+# them (seconds), and draw no random numbers, so the ranks' generators stay alike.
+RANK0_STEPS = {"eval_cam", "eval_advcam", "eval_sem_seg"}
 
 CAM_EVAL_THRES_PAPER = [0.08, 0.09, 0.10, 0.11, 0.12, 0.13, 0.14]
 
@@ -387,27 +390,55 @@ def new_config_path(work_dir, stamp):
             continue
 
 
+def check_distributed(args, world):
+    """InputError if a switched-on step cannot run on `world` processes (every step splits its work)."""
+    if world > 1 and args.train_cam_pass and str(args.pretrained).lower() == "none":
+        raise InputError("--pretrained none trains BatchNorm on batch statistics, which would then be each "
+                         "process's part of the batch: run train_cam from scratch with one process")
+
+
 def main(argv=None):
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if not main_rank:
+        os.environ["TQDM_DISABLE"] = "1"   # one progress bar (rank 0's); tqdm reads it when imported
+    from misc import dist  # torch.distributed; imported late: the parser works without torch
     args = parse_args(argv)
     try:
+        args.device = dist.init(args.device)
         validate_args(args)
+        check_distributed(args, dist.world())
         if not any(getattr(args, f"{name}_pass") for name, _ in STEPS):
             raise InputError("no step is switched on: pass --<step>_pass true for the steps to run, e.g. "
                              "--train_cam_pass true (bash_run_sample.sh runs them all)")
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
+        dist.close()
         return 2
-    os.makedirs(args.work_dir, exist_ok=True)
+    try:
+        return _run_steps(args, dist)
+    finally:
+        dist.close()
+
+
+def _run_steps(args, dist):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    save_json(new_config_path(args.work_dir, stamp), vars(args))
-    log = open(os.path.join(args.work_dir, "run.log"), "a")
-    sys.stdout = _Tee(sys.stdout, log)
-    print(f"== run_sample.py {stamp} config: " + json.dumps(vars(args), sort_keys=True))
+    if dist.is_main():
+        os.makedirs(args.work_dir, exist_ok=True)
+        save_json(new_config_path(args.work_dir, stamp), {**vars(args), "world_size": dist.world()})
+        log = open(os.path.join(args.work_dir, "run.log"), "a")
+        sys.stdout = _Tee(sys.stdout, log)
+    else:  # the other ranks print nothing but their errors
+        log = open(os.devnull, "w")
+        sys.stdout = _Tee(open(os.devnull, "w"), log)
+    dist.barrier()
+    print(f"== run_sample.py {stamp} on {dist.world()} process(es), config: " + json.dumps(vars(args), sort_keys=True))
     seed_everything(args.seed)
     set_precision(args.allow_tf32)
     if args.cpu_threads:
         import torch
         torch.set_num_threads(args.cpu_threads)
+    where = f" (rank {dist.rank()} of {dist.world()})" if dist.world() > 1 else ""
     name = None
     try:
         for name, module in STEPS:
@@ -422,13 +453,16 @@ def main(argv=None):
                                  f"run with --{name}_pass false") from None
             print(f"== step {name}")
             started = datetime.datetime.now()
-            if name == "eval_advcam":
+            if name in RANK0_STEPS and not dist.is_main():
+                pass
+            elif name == "eval_advcam":
                 step.run(argparse.Namespace(**{**vars(args), "eval_cam_dir": args.advcam_out_dir}))
             else:
                 step.run(args)
+            dist.barrier()
             print(f"== step {name} done in {(datetime.datetime.now() - started).total_seconds():.1f} s")
     except InputError as e:
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        print(f"error{where}: {error_line(e)}", file=sys.stderr)
         log.write(f"error: {error_line(e)}\n")
         return 2
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -81,11 +82,24 @@ def atomic_path(path):
         raise
 
 
+_NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # a fixed zip-entry time: the same arrays give the same bytes
+
+
+def write_npz(file, arrays):
+    """np.savez's format (uncompressed zip of .npy entries) into the open binary `file`, with a fixed
+    entry time: the bytes depend on the arrays only (np.savez stamps each entry with the time of writing)."""
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            with archive.open(zipfile.ZipInfo(key + ".npy", date_time=_NPZ_DATE), "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
+
+
 def save_npz(path, **arrays):
-    """Write arrays to `path` (.npz, uncompressed) atomically; no pickled objects allowed."""
+    """Write arrays to `path` (.npz, uncompressed) atomically; no pickled objects allowed. Outputs made by
+    one process or by several (misc/dist.py) can be compared byte for byte."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+            write_npz(f, arrays)
 
 
 def load_npz(path):

@@ -12,12 +12,11 @@ import multiprocessing
 import os
 
 import numpy as np
-from tqdm import tqdm
 
-from misc import imutils, provenance
+from misc import dist, imutils, provenance
 from misc.crf import crf_inference_label
 from misc.camfile import read_cam_file
-from misc.utils import InputError, pending, require_dir, save_png
+from misc.utils import InputError, require_dir, save_png
 from voc12.dataloader import img_path, load_image_labels, load_img_name_list
 
 UNSURE = 255
@@ -76,22 +75,22 @@ def run(args):
                          f"on the same --infer_list first")
     inputs = {"cams": provenance.folder_identity(args.ir_label_cam_dir),
               **provenance.flag_values(args, ["conf_fg_thres", "conf_bg_thres"])}
-    provenance.claim_folder(args.ir_label_out_dir, "cam_to_ir_label", inputs, ".png", args,
-                            "--ir_label_out_dir")
-    todo = pending(ids, functools.partial(_out_path, args.ir_label_out_dir))
+    dist.main_first(provenance.claim_folder, args.ir_label_out_dir, "cam_to_ir_label", inputs, ".png", args,
+                    "--ir_label_out_dir")
+    todo, mine = dist.pending_shard(ids, functools.partial(_out_path, args.ir_label_out_dir))
     print(f"cam_to_ir_label: {len(ids) - len(todo)} of {len(ids)} done already, {len(todo)} to do "
           f"-> {args.ir_label_out_dir}")
     work = functools.partial(_work, cam_dir=args.ir_label_cam_dir, out_dir=args.ir_label_out_dir,
                              voc12_root=args.voc12_root, fg_thres=args.conf_fg_thres,
                              bg_thres=args.conf_bg_thres,
-                             labels=dict(zip(todo, load_image_labels(args.voc12_root, todo))))
-    progress = tqdm(total=len(todo), desc="cam_to_ir_label", dynamic_ncols=True)
-    if args.num_workers <= 1 or len(todo) <= 1:
-        for img_id in todo:
+                             labels=dict(zip(mine, load_image_labels(args.voc12_root, mine))))
+    progress = dist.GlobalProgress([_out_path(args.ir_label_out_dir, i) for i in todo], "cam_to_ir_label")
+    if args.num_workers <= 1 or len(mine) <= 1:  # under torchrun: this rank's images, in its own pool
+        for img_id in mine:
             work(img_id)
-            progress.update()
+            progress.update(1)
     else:
         with multiprocessing.get_context("fork").Pool(args.num_workers) as pool:
-            for _ in pool.imap_unordered(work, todo, chunksize=1):
-                progress.update()
+            for _ in pool.imap_unordered(work, mine, chunksize=1):
+                progress.update(1)
     progress.close()

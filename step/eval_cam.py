@@ -52,22 +52,27 @@ def threshold_confusions(items, thresholds, n_class=N_LABELS):
     return confusions
 
 
-def sweep_thresholds(items, thresholds, n_class=N_LABELS):
+def _same(confusions):
+    return confusions
+
+
+def sweep_thresholds(items, thresholds, n_class=N_LABELS, reduce=_same):
     """Scores (misc.metrics.scores dict) per threshold, each from its own confusion matrix.
 
-    Returns {threshold: scores}, in the order of `thresholds`.
+    Returns {threshold: scores}, in the order of `thresholds`. `reduce` is applied to the stacked
+    (n_thresholds, n_class, n_class) matrices first (misc.dist.total_array: add the ranks' matrices).
     """
-    confusions = threshold_confusions(items, thresholds, n_class)
+    confusions = reduce(np.stack(threshold_confusions(items, thresholds, n_class)))
     return {t: scores(conf) for t, conf in zip(thresholds, confusions)}
 
 
-def accumulated_sweep(items, thresholds, n_class=N_LABELS):
+def accumulated_sweep(items, thresholds, n_class=N_LABELS, reduce=_same):
     """The released checkpoint selection's scores (SPEC 4.3 (a)): its `eval_cam_sub` keeps one list of
     predictions and ground truths for the whole threshold loop, so the score at threshold t comes from
     one confusion matrix over the predictions of every threshold up to and including t, i.e. the running
     sum of the per-threshold matrices. Returns {threshold: scores}, in the order of `thresholds`.
     """
-    confusions = np.cumsum(threshold_confusions(items, thresholds, n_class), axis=0)
+    confusions = np.cumsum(reduce(np.stack(threshold_confusions(items, thresholds, n_class))), axis=0)
     return {t: scores(conf) for t, conf in zip(thresholds, confusions)}
 
 

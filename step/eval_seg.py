@@ -20,8 +20,8 @@ import pydensecrf.densecrf as dcrf
 import torch
 import torch.nn.functional as F
 from pydensecrf.utils import unary_from_softmax
-from tqdm import tqdm
 
+from misc import dist
 from misc.imutils import read_rgb
 from misc.metrics import confusion_matrix, scores
 from misc.report import add_to_summary, summary_entry
@@ -99,8 +99,13 @@ def _test_ids(args):
 def predict_split(args, model, device, ids, folders):
     """Write the predictions of `ids` into folders {"plain": dir, "crf": dir or None, "server": dir or None}."""
     palette = palette_voc()
+    dist.barrier()  # under torchrun: every rank lists the same images still to do, then takes its share
     todo = [i for i in ids if not all(os.path.isfile(os.path.join(f, i + ".png")) for f in folders.values() if f)]
-    for img_id in tqdm(todo, desc=f"eval_seg: {os.path.basename(folders['plain'])}", dynamic_ncols=True):
+    dist.barrier()
+    last = folders.get("server") or folders.get("crf") or folders["plain"]  # the folder written last
+    progress = dist.GlobalProgress([os.path.join(last, i + ".png") for i in todo],
+                                   f"eval_seg: {os.path.basename(folders['plain'])}")
+    for img_id in dist.shard(todo):
         image = read_bgr(args.voc12_root, img_id) - np.asarray(MEAN_BGR, np.float32)
         prob = predict_prob(model, image, device)
         preds = {"plain": np.argmax(prob, axis=0).astype(np.uint8)}
@@ -114,6 +119,9 @@ def predict_split(args, model, device, ids, folders):
                 save_png(os.path.join(folders[kind], img_id + ".png"), preds[kind])
         if folders.get("server"):
             write_server_png(folders["server"], img_id, preds.get("crf", preds["plain"]))
+        progress.update(1)
+    progress.close()
+    dist.barrier()  # all predictions exist before anyone scores them
 
 
 def score_folder(folder, voc12_root, ids):
@@ -133,7 +141,7 @@ def run(args):
     folders = {"plain": out_dir(args, split, False), "crf": out_dir(args, split, True) if args.seg_crf else None}
     predict_split(args, model, device, ids, folders)
     for kind, folder in folders.items():
-        if folder is None:
+        if folder is None or not dist.is_main():  # scored once, by rank 0
             continue
         name = os.path.basename(folder)
         result = score_folder(folder, args.voc12_root, ids)

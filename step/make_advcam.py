@@ -33,12 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from misc import provenance
+from misc import dist, provenance
 from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
-from misc.utils import InputError, pending, save_npz
+from misc.utils import InputError, save_npz
 from net.resnet50_cam import Net, load_classifier
 from step.make_cam import precision_context, provenance_inputs, scale_maps_to_cam, strided_size
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
@@ -250,7 +249,7 @@ def _run_pool(args, weights, hint, ids):
                      "make_advcam")
 
 
-def _run_single(args, model, dataset):
+def _run_single(args, model, dataset, progress):
     device = torch.device(args.device)
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
@@ -258,10 +257,10 @@ def _run_single(args, model, dataset):
     if batch < 1:
         raise InputError(f"--advcam_batch must be at least 1 (images per batch), got {batch}")
     groups = same_size_groups(loader, lambda pack: (int(pack["size"][0]), int(pack["size"][1])), batch)
-    with tqdm(total=len(dataset), desc="make_advcam", unit="img") as bar:
-        for packs in groups:
-            _write_group(model, packs, args)
-            bar.update(len(packs))
+    for packs in groups:
+        _write_group(model, packs, args)
+        progress.update(len(packs))
+    progress.close()
 
 
 def run(args):
@@ -269,22 +268,25 @@ def run(args):
     ids = load_img_name_list(args.voc12_root, args.infer_list)
     inputs = provenance_inputs(args, args.make_advcam_from, weights, hint,
                                ["adv_iter", "AD_coeff", "AD_stepsize", "score_th"])
-    provenance.claim_folder(args.advcam_out_dir, "make_advcam", inputs, ".npz", args, "--advcam_out_dir")
-    todo = pending(ids, lambda i: advcam_path(args.advcam_out_dir, i))
+    dist.main_first(provenance.claim_folder, args.advcam_out_dir, "make_advcam", inputs, ".npz", args,
+                    "--advcam_out_dir")
+    todo, mine = dist.pending_shard(ids, lambda i: advcam_path(args.advcam_out_dir, i))
     order = [args.cam_scales[p] for p in scale_processing_order(len(args.cam_scales))]
     print(f"make_advcam: {len(ids)} images of {args.infer_list}, {len(ids) - len(todo)} already in "
           f"{args.advcam_out_dir}, weights {weights}, scales {order} (in this order), adv_iter {args.adv_iter}, "
           f"AD_coeff {args.AD_coeff}, AD_stepsize {args.AD_stepsize}, score_th {args.score_th}, "
           f"{getattr(args, 'advcam_batch', 1)} image(s) of one size per batch, amp {getattr(args, 'amp', 'none')}"
-          f"{', channels_last' if getattr(args, 'channels_last', False) else ''}")
-    if not todo:
+          f"{', channels_last' if getattr(args, 'channels_last', False) else ''}, {dist.world()} process(es)")
+    if not mine:
         return
     # built here first so that bad weights or missing images fail at once, with a clear message
     model = load_attacked_model(args, weights, hint)
-    dataset = VOC12ClassificationDatasetMSF(todo, args.voc12_root, scales=args.cam_scales)
+    dataset = VOC12ClassificationDatasetMSF(mine, args.voc12_root, scales=args.cam_scales)
     os.makedirs(args.advcam_out_dir, exist_ok=True)
-    if torch.device(args.device).type == "cpu" and args.num_workers > 1 and len(todo) > 1:
+    # under torchrun the ranks are the processes; without it, on CPU, a pool of --num_workers processes
+    if dist.world() == 1 and torch.device(args.device).type == "cpu" and args.num_workers > 1 and len(mine) > 1:
         del model, dataset
-        _run_pool(args, weights, hint, todo)
+        _run_pool(args, weights, hint, mine)
     else:
-        _run_single(args, model, dataset)
+        _run_single(args, model, dataset,
+                    dist.GlobalProgress([advcam_path(args.advcam_out_dir, i) for i in todo], "make_advcam"))

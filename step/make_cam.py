@@ -24,13 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from misc import provenance
+from misc import dist, provenance
 from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
 from misc.torchutils import frozen_cpu_graph
-from misc.utils import InputError, pending, save_npz
+from misc.utils import InputError, save_npz
 from net.resnet50_cam import CAM, load_classifier
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
@@ -204,7 +203,7 @@ def _run_pool(args, weights, hint, ids):
                      "make_cam")
 
 
-def _run_single(args, model, dataset):
+def _run_single(args, model, dataset, progress):
     device = torch.device(args.device)
     # On CPU one process does the whole work (--num_workers counts those processes): a loader worker would
     # compete for the same cores and pay for shipping each image's MSF arrays between processes.
@@ -216,10 +215,11 @@ def _run_single(args, model, dataset):
     if batch < 1:
         raise InputError(f"--make_cam_batch must be at least 1 (images per forward), got {batch}")
     groups = same_size_groups(loader, lambda pack: _size(pack["size"]), batch)
-    with torch.inference_mode(), tqdm(total=len(dataset), desc="make_cam", unit="img") as bar:
+    with torch.inference_mode():
         for packs in groups:
             _write_group(model, packs, args, device)
-            bar.update(len(packs))
+            progress.update(len(packs))
+    progress.close()
 
 
 def provenance_inputs(args, kind, weights, hint, flags=()):
@@ -233,18 +233,20 @@ def run(args):
     weights, hint = weights_of(args)
     ids = load_img_name_list(args.voc12_root, args.infer_list)
     inputs = provenance_inputs(args, args.make_cam_from, weights, hint)
-    provenance.claim_folder(args.cam_out_dir, "make_cam", inputs, ".npz", args, "--cam_out_dir")
-    todo = pending(ids, lambda i: cam_path(args.cam_out_dir, i))
+    dist.main_first(provenance.claim_folder, args.cam_out_dir, "make_cam", inputs, ".npz", args, "--cam_out_dir")
+    todo, mine = dist.pending_shard(ids, lambda i: cam_path(args.cam_out_dir, i))
     print(f"make_cam: {len(ids)} images of {args.infer_list}, {len(ids) - len(todo)} already in "
-          f"{args.cam_out_dir}, weights {weights}, scales {args.cam_scales}")
-    if not todo:
+          f"{args.cam_out_dir}, weights {weights}, scales {args.cam_scales}, {dist.world()} process(es)")
+    if not mine:
         return
     # built here first so that bad weights or missing images fail at once, with a clear message
     model = load_classifier(args, weights, cls=CAM, hint=hint)
-    dataset = VOC12ClassificationDatasetMSF(todo, args.voc12_root, scales=args.cam_scales)
+    dataset = VOC12ClassificationDatasetMSF(mine, args.voc12_root, scales=args.cam_scales)
     os.makedirs(args.cam_out_dir, exist_ok=True)
-    if torch.device(args.device).type == "cpu" and args.num_workers > 1 and len(todo) > 1:
+    # under torchrun the ranks are the processes; without it, on CPU, a pool of --num_workers processes
+    if dist.world() == 1 and torch.device(args.device).type == "cpu" and args.num_workers > 1 and len(mine) > 1:
         del model, dataset  # every process of the pool, this one too, builds its own
-        _run_pool(args, weights, hint, todo)
+        _run_pool(args, weights, hint, mine)
     else:
-        _run_single(args, for_inference(args, model), dataset)
+        progress = dist.GlobalProgress([cam_path(args.cam_out_dir, i) for i in todo], "make_cam")
+        _run_single(args, for_inference(args, model), dataset, progress)

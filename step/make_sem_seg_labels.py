@@ -18,11 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from misc import indexing, provenance
+from misc import dist, indexing, provenance
 from misc.camfile import read_cam_file
-from misc.utils import InputError, palette_voc, pending, require_dir, save_png
+from misc.utils import InputError, palette_voc, require_dir, save_png
 from net.resnet50_irn import FEATURE_STRIDE, load_edge_displacement
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
@@ -79,19 +78,21 @@ def run(args):
                                                                           "(--train_irn_pass true) first"),
               **provenance.flag_values(args, ["beta", "exp_times", "rw_radius", "sem_seg_bg_thres", "np_power",
                                               "irn_crop_size", "backbone_width"])}
-    provenance.claim_folder(args.sem_seg_out_dir, "make_sem_seg", inputs, ".png", args, "--sem_seg_out_dir")
-    todo = pending(ids, lambda img_id: _out_path(args.sem_seg_out_dir, img_id))
+    dist.main_first(provenance.claim_folder, args.sem_seg_out_dir, "make_sem_seg", inputs, ".png", args,
+                    "--sem_seg_out_dir")
+    todo, mine = dist.pending_shard(ids, lambda img_id: _out_path(args.sem_seg_out_dir, img_id))
     print(f"make_sem_seg_labels: {len(ids) - len(todo)} of {len(ids)} done already, {len(todo)} to do "
           f"-> {args.sem_seg_out_dir}")
-    if not todo:
+    if not mine:
         return
     model = load_edge_displacement(args)
-    dataset = VOC12ClassificationDatasetMSF(todo, voc12_root=args.voc12_root, scales=(1.0,))
+    dataset = VOC12ClassificationDatasetMSF(mine, voc12_root=args.voc12_root, scales=(1.0,))
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=args.num_workers)
     palette, colour_folder = palette_voc(), color_dir(args.sem_seg_out_dir)
 
+    progress = dist.GlobalProgress([_out_path(args.sem_seg_out_dir, i) for i in todo], "make_sem_seg_labels")
     with torch.inference_mode():
-        for pack in tqdm(loader, total=len(todo), desc="make_sem_seg_labels", dynamic_ncols=True):
+        for pack in loader:
             img_id, (height, width) = pack["name"], pack["size"]
             boundary, _ = model(torch.as_tensor(pack["img"][0]).to(device))
             cam, keys = read_seeds(seed_path(img_id), pack["label"], boundary.shape)
@@ -103,3 +104,5 @@ def run(args):
             pred = walk_to_label(walked, keys, (int(height), int(width)), args.sem_seg_bg_thres)
             save_png(_out_path(colour_folder, img_id), pred, palette=palette)
             save_png(_out_path(args.sem_seg_out_dir, img_id), pred)
+            progress.update(1)
+    progress.close()

@@ -19,9 +19,10 @@ import os
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 from tqdm import tqdm
 
-from misc import imutils, provenance
+from misc import dist, imutils, provenance
 from misc.utils import InputError, atomic_path, require_file
 from net.resnet50_cam import Net, load_classifier
 from voc12.dataloader import CAT_LIST
@@ -96,13 +97,15 @@ def read_exclusions(path, pool_paths):
 
 
 def score_candidates(model, dataset, device, num_workers):
-    """(N, C) logits of every candidate (batch 1: full images of different sizes)."""
-    logits = []
+    """(N, C) logits of every candidate (batch 1: full images of different sizes). Under torchrun each rank
+    scores its share and every rank gets all the logits."""
+    logits, n = [], len(dataset)
     with torch.inference_mode():
-        for pack in tqdm(checked_batches(dataset, batch_size=1, shuffle=False, num_workers=num_workers),
-                         total=len(dataset), desc="mine_ood"):
+        mine = Subset(dataset, dist.shard(list(range(n))))
+        for pack in tqdm(checked_batches(mine, batch_size=1, shuffle=False, num_workers=num_workers),
+                         total=len(mine), desc="mine_ood"):
             logits.append(model(pack["img"].to(device)).float().cpu())
-    return torch.cat(logits)
+    return dist.gather_shards(torch.cat(logits), n)
 
 
 def write_lines(path, lines):
@@ -184,6 +187,8 @@ def run(args):
     score, top = hard_ood_scores(score_candidates(model, dataset, device, args.num_workers))
     score, top = score.tolist(), top.tolist()
     kept, reasons = select_hard_ood(score, args.mine_th, [p in excluded for p in paths], args.mine_max_keep)
+    if not dist.is_main():  # rank 0 writes the list and the reports
+        return
 
     write_score_table(os.path.join(args.work_dir, SCORE_TABLE), paths, score, top, reasons)
     n_hard = sum(s > args.mine_th for s in score)

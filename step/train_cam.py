@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from misc.torchutils import make_poly_optimizer, require_finite
-from misc import provenance
+from misc import dist, provenance
 from misc.utils import InputError
 from net.resnet50_cam import PARAM_GROUP_LR_MULT, new_id_classifier
 from voc12.dataloader import VOC12ClassificationDataset, load_img_name_list
@@ -23,17 +23,32 @@ def classification_loss(logits, labels):
 
 
 def validation_loss(model, loader, device):
-    """Mean per-image loss over the whole loader, in eval mode (restores train mode after)."""
+    """Mean per-image loss over the whole loader, in eval mode (restores train mode after). Under torchrun
+    every rank scores its rows of each batch and the sums are added."""
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64), 0
     with torch.inference_mode():
         for pack in loader:
-            logits = model(pack["img"].to(device))
-            labels = pack["label"].to(device)
-            total += classification_loss(logits, labels).item() * labels.size(0)
-            count += labels.size(0)
+            images, labels = dist.rows(pack["img"]), dist.rows(pack["label"])
+            if labels.size(0):
+                logits = model(images.to(device))
+                total += classification_loss(logits, labels.to(device)).double().cpu() * labels.size(0)
+            count += pack["label"].size(0)
     model.train()
-    return total / max(count, 1)
+    return float(dist.total(total)) / max(count, 1)
+
+
+def training_step(model, optimizer, pack, device, loss_of, what):
+    """One update on the global batch `pack` (dict of batch tensors): this rank's slice of it, its share of
+    the loss (`loss_of(model, slice) / world`), gradients summed over the ranks. Returns the global loss
+    (tensor) for the caller's finiteness check and logging; the caller calls optimizer.step()."""
+    dist.require_same(pack["img"], what)
+    local = {k: dist.batch_slice(v).to(device, non_blocking=True) for k, v in pack.items() if torch.is_tensor(v)}
+    share = loss_of(model, local) / dist.world()
+    optimizer.zero_grad()
+    share.backward()
+    dist.sum_gradients(model.parameters())
+    return dist.total(share.detach())
 
 
 def _suspects(args):
@@ -56,6 +71,7 @@ def run(args):
         print(f"train_cam: {args.cam_weights_name} exists; keeping it ({kept})")
         return
     device = torch.device(args.device)
+    dist.per_rank(args.cam_batch_size, "--cam_batch_size")
     train_dataset = VOC12ClassificationDataset.for_training(
         args.train_list, args.voc12_root, resize_long=args.cam_resize_long, crop_size=args.cam_crop_size)
     val_dataset = VOC12ClassificationDataset.for_validation(args.val_list, args.voc12_root,
@@ -77,16 +93,15 @@ def run(args):
                                     args.cam_weight_decay, max_step, args.real_momentum)
     print(f"train_cam: {len(train_dataset)} images, {steps_per_epoch} steps x {args.cam_num_epoches} epochs, "
           f"batch {args.cam_batch_size}, pretrained {args.pretrained}, width {args.backbone_width}, "
-          f"device {device}")
+          f"device {device}, {dist.world()} process(es)")
     model.train()
     for epoch in range(args.cam_num_epoches):
         bar = tqdm(train_loader, desc=f"train_cam epoch {epoch + 1}/{args.cam_num_epoches}", unit="batch")
         epoch_loss = 0.0
         for step, pack in enumerate(bar, 1):
-            logits = model(pack["img"].to(device, non_blocking=True))
-            loss = classification_loss(logits, pack["label"].to(device, non_blocking=True))
-            optimizer.zero_grad()
-            loss.backward()
+            loss = training_step(model, optimizer, pack, device,
+                                 lambda net, batch: classification_loss(net(batch["img"]), batch["label"]),
+                                 f"batch {step} of epoch {epoch + 1}")
             require_finite("train_cam", epoch + 1, step, _suspects(args), loss, model.parameters())
             optimizer.step()
             epoch_loss += loss.item()
@@ -95,5 +110,6 @@ def run(args):
         print(f"train_cam epoch {epoch + 1}/{args.cam_num_epoches}: train loss {epoch_loss / steps_per_epoch:.4f}, "
               f"val loss {val:.4f}")
     require_finite("train_cam", args.cam_num_epoches, None, _suspects(args), state_dict=model.state_dict())
-    provenance.save_weights(args.cam_weights_name, model.state_dict(), "train_cam", inputs)
+    if dist.is_main():
+        provenance.save_weights(args.cam_weights_name, model.state_dict(), "train_cam", inputs)
     print(f"train_cam: saved {args.cam_weights_name}")

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc import indexing, provenance
+from misc import dist, indexing, provenance
 from misc.torchutils import make_poly_optimizer, require_finite
 from misc.utils import InputError, require_dir
 from net.resnet50_irn import FEATURE_STRIDE, PARAM_GROUP_LR_MULT, new_training_module
@@ -25,18 +25,25 @@ EPS = 1e-5
 INPUT_MULTIPLE = 16  # the network's output stride: crops must be multiples of it
 
 
-def irn_losses(pos_aff_loss, neg_aff_loss, dp_fg_loss, dp_bg_loss, bg_pos, fg_pos, neg):
+def _whole(count):
+    return count
+
+
+def irn_losses(pos_aff_loss, neg_aff_loss, dp_fg_loss, dp_bg_loss, bg_pos, fg_pos, neg, whole_batch=_whole):
     """SPEC 5.2's losses from the per-pair terms of AffinityDisplacementLoss and the affinity labels.
 
     Returns a dict: bg_pos, fg_pos, pos, neg, dp_fg, dp_bg and total
-    = (pos + neg) / 2 + (dp_fg + dp_bg) / 2 (0-d tensors).
+    = (pos + neg) / 2 + (dp_fg + dp_bg) / 2 (0-d tensors). The denominators are pair counts over the batch:
+    with the batch split over processes, `whole_batch` (misc.dist.total) makes them the global batch's, and
+    each rank's values are then its shares, which add up to the global batch's losses.
     """
-    bg_pos_aff = torch.sum(bg_pos * pos_aff_loss) / (torch.sum(bg_pos) + EPS)
-    fg_pos_aff = torch.sum(fg_pos * pos_aff_loss) / (torch.sum(fg_pos) + EPS)
+    n_bg, n_fg, n_neg = (whole_batch(torch.sum(t)) for t in (bg_pos, fg_pos, neg))
+    bg_pos_aff = torch.sum(bg_pos * pos_aff_loss) / (n_bg + EPS)
+    fg_pos_aff = torch.sum(fg_pos * pos_aff_loss) / (n_fg + EPS)
     pos_aff = bg_pos_aff / 2 + fg_pos_aff / 2
-    neg_aff = torch.sum(neg * neg_aff_loss) / (torch.sum(neg) + EPS)
-    dp_fg = torch.sum(dp_fg_loss * torch.unsqueeze(fg_pos, 1)) / (2 * torch.sum(fg_pos) + EPS)
-    dp_bg = torch.sum(dp_bg_loss * torch.unsqueeze(bg_pos, 1)) / (2 * torch.sum(bg_pos) + EPS)
+    neg_aff = torch.sum(neg * neg_aff_loss) / (n_neg + EPS)
+    dp_fg = torch.sum(dp_fg_loss * torch.unsqueeze(fg_pos, 1)) / (2 * n_fg + EPS)
+    dp_bg = torch.sum(dp_bg_loss * torch.unsqueeze(bg_pos, 1)) / (2 * n_bg + EPS)
     total = (pos_aff + neg_aff) / 2 + (dp_fg + dp_bg) / 2
     return {"bg_pos": bg_pos_aff, "fg_pos": fg_pos_aff, "pos": pos_aff, "neg": neg_aff,
             "dp_fg": dp_fg, "dp_bg": dp_bg, "total": total}
@@ -44,12 +51,16 @@ def irn_losses(pos_aff_loss, neg_aff_loss, dp_fg_loss, dp_bg_loss, bg_pos, fg_po
 
 @torch.inference_mode()
 def mean_displacement(model, loader, device):
-    """Mean over batches of each batch's mean displacement (2,), model in eval mode (mean shift 0)."""
-    batch_means = [torch.mean(model(pack["img"].to(device), return_loss=False)[1], dim=(0, 2, 3)).cpu()
+    """Mean over batches of each batch's mean displacement (2,), model in eval mode (mean shift 0). Under
+    torchrun each rank takes its equal slice of every batch: a batch's mean is the mean of its slices'."""
+    batch_means = [torch.mean(model(dist.batch_slice(pack["img"]).to(device), return_loss=False)[1],
+                              dim=(0, 2, 3)).cpu()
                    for pack in tqdm(loader, desc="train_irn: mean displacement", dynamic_ncols=True)]
     if not batch_means:
         raise InputError("no complete batch for the mean displacement")
-    return torch.mean(torch.stack(batch_means), dim=0)
+    if dist.world() == 1:
+        return torch.mean(torch.stack(batch_means), dim=0)
+    return dist.total(torch.stack(batch_means).sum(0)) / (len(batch_means) * dist.world())
 
 
 def _check_args(args):
@@ -98,6 +109,7 @@ def run(args):
         print(f"train_irn: {args.irn_weights_name} exists; keeping it ({kept})")
         return
     _check_args(args)
+    dist.per_rank(args.irn_batch_size, "--irn_batch_size")
     device = torch.device(args.device)
     grid = args.irn_crop_size // FEATURE_STRIDE
     path_index = indexing.PathIndex(radius=args.irn_radius, default_size=(grid, grid))
@@ -134,11 +146,16 @@ def run(args):
                         dynamic_ncols=True)
         sums, count = {}, 0
         for pack in progress:
-            terms = model(pack["img"].to(device), return_loss=True)
-            losses = irn_losses(*terms, pack["aff_bg_pos_label"].to(device), pack["aff_fg_pos_label"].to(device),
-                                pack["aff_neg_label"].to(device))
+            dist.require_same(pack["img"], f"batch {count + 1} of epoch {epoch + 1}")
+            local = {k: dist.batch_slice(v).to(device) for k, v in pack.items() if torch.is_tensor(v)}
+            terms = model(local["img"], return_loss=True)
+            # this rank's shares of the global batch's losses (global pair counts); the gradients add up
+            losses = irn_losses(*terms, local["aff_bg_pos_label"], local["aff_fg_pos_label"], local["aff_neg_label"],
+                                whole_batch=dist.total)
             optimizer.zero_grad()
             losses["total"].backward()
+            dist.sum_gradients(model.parameters())
+            losses = {k: dist.total(v.detach()) for k, v in losses.items()}
             count += 1
             require_finite("train_irn", epoch + 1, count, _suspects(args), losses["total"], model.parameters())
             optimizer.step()
@@ -156,6 +173,7 @@ def run(args):
     model.mean_shift.running_mean = mean_displacement(model, infer_loader, device).clone().to(device)
     print(f"train_irn: mean displacement {model.mean_shift.running_mean.tolist()}")
     require_finite("train_irn", args.irn_num_epoches, None, _suspects(args), state_dict=model.state_dict())
-    provenance.save_weights(args.irn_weights_name, {k: v.cpu() for k, v in model.state_dict().items()}, "train_irn",
-                            inputs)
+    if dist.is_main():
+            provenance.save_weights(args.irn_weights_name, {k: v.cpu() for k, v in model.state_dict().items()},
+                                "train_irn", inputs)
     print(f"train_irn: saved {args.irn_weights_name}")

@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from misc import dist
 from misc.imutils import read_rgb
 from misc.utils import InputError, load_torch, require_dir, save_torch
 from net.deeplab_v2 import MEAN_BGR, deeplab_v2, msc_state_dict
@@ -129,12 +130,27 @@ def resize_labels(labels, size):
 
 
 def msc_loss(outputs, labels, iter_size):
-    """Sum over the MSC outputs of CE(ignore 255) against the labels resized to each output, / iter_size."""
+    """Sum over the MSC outputs of CE(ignore 255) against the labels resized to each output, / iter_size.
+
+    Under torchrun `labels` are this rank's images of the sub-batch: each CE is then this rank's pixels'
+    sum over the sub-batch's labelled pixel count (all ranks'), and the ranks' losses add up to the loss of
+    the whole sub-batch (misc/dist.py)."""
     total = 0
     for logit in outputs:
         target = resize_labels(labels, logit.shape[2:]).to(logit.device)
-        total = total + F.cross_entropy(logit, target, ignore_index=IGNORE)
+        if dist.world() == 1:
+            total = total + F.cross_entropy(logit, target, ignore_index=IGNORE)
+        else:
+            labelled = dist.total((target != IGNORE).sum())
+            total = total + F.cross_entropy(logit, target, ignore_index=IGNORE, reduction="sum") / labelled
     return total / iter_size
+
+
+def rank_sub_batches(n_samples, start, batch_size):
+    """The stream indices (0-based from `start`) of this rank's images, one list per sub-batch: of each
+    sub-batch of `batch_size` consecutive samples, the rows rank, rank + world, ... (misc/dist.py)."""
+    for first in range(0, n_samples - start, batch_size):
+        yield dist.rows(list(range(first, min(first + batch_size, n_samples - start))))
 
 
 def param_groups(model, lr, weight_decay):
@@ -190,6 +206,9 @@ def run(args):
         return
     if args.seg_iter_max < 1 or args.seg_batch_size < 1 or args.seg_iter_size < 1:
         raise InputError("--seg_iter_max, --seg_batch_size and --seg_iter_size must be positive")
+    if args.seg_batch_size < dist.world():
+        raise InputError(f"--seg_batch_size {args.seg_batch_size} is below the {dist.world()} processes: every "
+                         f"process takes at least one image of each sub-batch")
     device = torch.device(args.device)
     ids = load_img_name_list(args.voc12_root, args.seg_train_list)
     require_images(args.voc12_root, ids)
@@ -213,8 +232,10 @@ def run(args):
     per_update = args.seg_batch_size * args.seg_iter_size
     stream = SegTrainStream(args.voc12_root, ids, args.seg_label_dir, args.seed, args.seg_iter_max * per_update,
                             done * per_update, args.seg_scales, args.seg_crop_size)
-    loader = iter(DataLoader(stream, batch_size=args.seg_batch_size, shuffle=False, num_workers=args.num_workers,
-                             pin_memory=device.type == "cuda", drop_last=False))
+    # each rank reads (and augments) only its images of every sub-batch
+    loader = iter(DataLoader(stream, batch_sampler=list(rank_sub_batches(len(stream) + stream.start, stream.start,
+                                                                         args.seg_batch_size)),
+                             num_workers=args.num_workers, pin_memory=device.type == "cuda"))
     print(f"train_seg: {len(ids)} images from {args.seg_label_dir}, updates {done}..{args.seg_iter_max}, "
           f"{per_update} images each, crop {args.seg_crop_size}")
     progress = tqdm(range(done + 1, args.seg_iter_max + 1), desc="train_seg", initial=done,
@@ -226,21 +247,24 @@ def run(args):
         for _ in range(args.seg_iter_size):
             images, labels = next(loader)
             loss = msc_loss(model(images.to(device)), labels, args.seg_iter_size)
-            if not torch.isfinite(loss):  # stop before the update: the last checkpoint stays good
-                raise InputError(f"train_seg: non-finite loss ({loss.item()}) at update {update}; lower --seg_lr "
+            whole = dist.total(loss.detach())  # the whole sub-batch's loss
+            if not torch.isfinite(whole):  # stop before the update: the last checkpoint stays good
+                raise InputError(f"train_seg: non-finite loss ({whole.item()}) at update {update}; lower --seg_lr "
                                  f"or check the labels in {args.seg_label_dir}")
             loss.backward()
-            total += loss.item()
-            seen += images.shape[0]
+            total += whole.item()
+            seen += int(dist.total(torch.tensor(images.shape[0])))
+        dist.sum_gradients(model.parameters())
         optimizer.step()
         set_lrs(optimizer, base_lrs, update, args.seg_iter_max, args.seg_poly_power, args.seg_lr_step)
         progress.set_postfix(loss=f"{total:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
                              img_s=f"{seen / (time.perf_counter() - started):.2f}")
-        if update % args.seg_save_every == 0 and update < args.seg_iter_max:
+        if update % args.seg_save_every == 0 and update < args.seg_iter_max and dist.is_main():
             save_torch(ckpt_path, {"model": msc_state_dict(model), "optimizer": optimizer.state_dict(),
                                    "update": torch.tensor(update), "torch_rng": torch.get_rng_state()})
     progress.close()
-    save_torch(args.seg_weights_name, msc_state_dict(model))
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)
+    if dist.is_main():
+        save_torch(args.seg_weights_name, msc_state_dict(model))
+        if os.path.exists(ckpt_path):
+            os.remove(ckpt_path)
     print(f"train_seg: saved {args.seg_weights_name} ({seen / (time.perf_counter() - started):.2f} images/s)")

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from misc.torchutils import make_poly_optimizer, require_finite
-from misc import provenance
+from misc import dist, provenance
 from misc.utils import InputError, save_npz
 from net.resnet50_cam import CAM, PARAM_GROUP_LR_MULT, Net, load_classifier
 from step.eval_cam import accumulated_sweep, best_threshold, sweep_thresholds
@@ -56,9 +56,11 @@ def wood_terms(model, img, label, ood_img, prototypes, args):
     n_classes = label.shape[1]
     logits, features = model.feature_list(img)
     distances = prototype_distances(features[-1], prototypes)
-    ood_logits = model(anti_adversarial_ood_step(model, ood_img, args.ood_adv_step))
+    # under torchrun img / ood_img are this rank's slices: the batch-wide statistics come from all ranks
+    ood_logits = model(anti_adversarial_ood_step(model, ood_img, args.ood_adv_step, dist.maximum, dist.minimum))
     terms = {"cls": classification_loss(logits, label),
-             "dist": distance_loss(distances, label, n_classes, prototypes.shape[0] - n_classes, args.ood_dist_topk),
+             "dist": distance_loss(distances, label, n_classes, prototypes.shape[0] - n_classes, args.ood_dist_topk,
+                                   whole_batch=dist.gather_rows),
              "ood": ood_negative_loss(ood_logits, args.ood_mask_class, img.shape[0])}
     return terms, {"features": features[-1], "logits": logits, "ood_logits": ood_logits}
 
@@ -73,6 +75,14 @@ def wood_loss(model, img, label, ood_img, prototypes, args):
     terms, _ = wood_terms(model, img, label, ood_img, prototypes, args)
     loss = sum(weighted_terms(terms, args).values())
     return loss, {k: v.item() for k, v in terms.items()}
+
+
+def global_mean(loss, parts):
+    """The global batch's loss (tensor) and parts (floats) from the ranks' values on their equal slices."""
+    if dist.world() == 1:
+        return loss, parts
+    values = dist.total(torch.tensor([loss.item(), *parts.values()], dtype=torch.float64)) / dist.world()
+    return values[0], dict(zip(parts, values[1:].tolist()))
 
 
 def selection_due(epoch, step, n_epochs, steps_per_epoch, every):
@@ -99,7 +109,8 @@ class CheckpointSelector:
     def __init__(self, args, device):
         self.args, self.device = args, device
         self.ids = load_img_name_list(args.voc12_root, args.chainer_eval_set)
-        self.dataset = VOC12ClassificationDatasetMSF(self.ids, args.voc12_root, scales=args.select_scales)
+        # under torchrun each rank scores its share of the images; the confusion matrices are added
+        self.dataset = VOC12ClassificationDatasetMSF(dist.shard(self.ids), args.voc12_root, scales=args.select_scales)
         for img_id in self.ids[:1]:
             load_gt(args.voc12_root, img_id)  # fail now, not after the first epochs, without ground truth
         self.cam_model = CAM(pretrained="none", width=args.backbone_width, frozen_bn=True,
@@ -122,7 +133,9 @@ class CheckpointSelector:
         state = model.state_dict()
         self.cam_model.load_state_dict(state)
         sweep = accumulated_sweep if self.args.select_accumulate else sweep_thresholds
-        threshold, scores = best_threshold(sweep(self._items(), self.args.select_eval_thres))
+        # under torchrun each rank scored its share of the images: their confusion matrices are added
+        threshold, scores = best_threshold(sweep(self._items(), self.args.select_eval_thres,
+                                                 reduce=dist.total_array))
         miou = scores["miou"] if np.isfinite(scores["miou"]) else -np.inf  # nothing scorable: never preferred
         self.history.append((tag, miou, threshold))
         print(f"train_wood: {tag}: CAM mIoU {100 * miou:.2f} at threshold {threshold} on "
@@ -136,7 +149,9 @@ def compute_prototypes(model, args, device, ood_paths):
     """(C + K, D) prototype matrix with the starting weights (eval mode); also saved for inspection."""
     ood = ood_prototypes(model, args, device, ood_paths)
     ids = id_prototypes(model, args, device)
-    save_npz(os.path.join(args.work_dir, PROTOTYPES_FILE), id=ids.numpy(), ood=ood.numpy())
+    dist.require_same(torch.cat([ids, ood]), "the prototypes")
+    if dist.is_main():
+        save_npz(os.path.join(args.work_dir, PROTOTYPES_FILE), id=ids.numpy(), ood=ood.numpy())
     print(f"train_wood: prototypes: {ids.shape[0]} classes from {args.train_list}, {ood.shape[0]} OoD "
           f"centroids from {len(ood_paths)} OoD images ({args.kmeans_iter} K-means iterations)")
     return torch.cat([ids, ood]).to(device)
@@ -171,6 +186,8 @@ def run(args):
         print(f"train_wood: {args.wood_weights_name} exists; keeping it ({kept})")
         return
     device = torch.device(args.device)
+    dist.per_rank(args.wood_batch_size, "--wood_batch_size")
+    dist.per_rank(args.ood_batch_size, "--ood_batch_size")
     # inputs first, so that a bad list fails before minutes of feature extraction
     ood_paths = load_ood_list(args.ood_root, args.ood_list)
     if len(ood_paths) < args.ood_batch_size:
@@ -202,7 +219,7 @@ def run(args):
                                     args.wood_weight_decay, max_step, args.real_momentum)
     print(f"train_wood: {len(train_dataset)} ID images, {len(ood_paths)} OoD images, {steps_per_epoch} steps x "
           f"{args.wood_num_epoches} epochs, batch {args.wood_batch_size} + {args.ood_batch_size} OoD, "
-          f"checkpoint selection by GT: {args.select_by_gt}, device {device}")
+          f"checkpoint selection by GT: {args.select_by_gt}, device {device}, {dist.world()} process(es)")
 
     model.train()
     for epoch in range(args.wood_num_epoches):
@@ -215,12 +232,17 @@ def run(args):
             if due and args.select_before_update:  # as released: the weights before this step's update
                 selector.offer(model, f"epoch {epoch + 1} step {step}, before its update")
                 model.train()
-            img = pack["img"].to(device, non_blocking=True)
-            label = pack["label"].to(device, non_blocking=True)
-            ood_img = next(ood_batches)["img"].to(device, non_blocking=True)
+            ood_batch = next(ood_batches)["img"]
+            dist.require_same(pack["img"], f"ID batch {step + 1} of epoch {epoch + 1}")
+            dist.require_same(ood_batch, f"the OoD batch of step {step + 1} of epoch {epoch + 1}")
+            img = dist.batch_slice(pack["img"]).to(device, non_blocking=True)
+            label = dist.batch_slice(pack["label"]).to(device, non_blocking=True)
+            ood_img = dist.batch_slice(ood_batch).to(device, non_blocking=True)
             loss, parts = wood_loss(model, img, label, ood_img, prototypes, args)
             optimizer.zero_grad()  # also clears what the anti-adversarial step would leave
-            loss.backward()
+            (loss / dist.world()).backward()  # this rank's share of the global batch's loss
+            dist.sum_gradients(model.parameters())
+            loss, parts = global_mean(loss, parts)
             require_finite("train_wood", epoch + 1, step + 1, _suspects(args), loss, model.parameters())
             optimizer.step()
             sums["loss"] += loss.item()
@@ -244,5 +266,6 @@ def run(args):
         print(f"train_wood: selected the weights of {tag} (CAM mIoU {100 * miou:.2f} at threshold {threshold} "
               f"on {args.chainer_eval_set}, ground truth used) among {len(selector.history)} evaluations")
     require_finite("train_wood", args.wood_num_epoches, None, _suspects(args), state_dict=state)
-    provenance.save_weights(args.wood_weights_name, state, "train_wood", inputs)
+    if dist.is_main():
+        provenance.save_weights(args.wood_weights_name, state, "train_wood", inputs)
     print(f"train_wood: saved {args.wood_weights_name}")

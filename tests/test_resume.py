@@ -87,7 +87,8 @@ def _hooked(real, file_arg):
     return write
 
 
-np.savez = _hooked(np.savez, 0)       # save_npz: np.savez(file, **arrays)
+import misc.utils  # noqa: E402  (the repository root is on PYTHONPATH)
+misc.utils.write_npz = _hooked(misc.utils.write_npz, 0)   # save_npz: write_npz(file, arrays)
 torch.save = _hooked(torch.save, 1)   # save_torch: torch.save(state_dict, path)
 
 if __name__ == "__main__":

@@ -285,7 +285,7 @@ def test_train_wood_selection_after_the_update_and_per_threshold(wood_setup, mon
     args.select_before_update, args.select_accumulate = False, False
     sweeps = []
     independent = train_wood.sweep_thresholds
-    monkeypatch.setattr(train_wood, "sweep_thresholds", lambda *a: sweeps.append("independent") or independent(*a))
+    monkeypatch.setattr(train_wood, "sweep_thresholds", lambda *a, **k: sweeps.append("independent") or independent(*a, **k))
     offers = []
     original_offer = train_wood.CheckpointSelector.offer
     monkeypatch.setattr(train_wood.CheckpointSelector, "offer",

@@ -31,25 +31,31 @@ def ood_distance_threshold(ood_distances, tau):
     return torch.topk(nonzero, k).values[-1]
 
 
-def distance_loss(distances, labels, C, K, tau):
+def _whole(tensor):
+    return tensor
+
+
+def distance_loss(distances, labels, C, K, tau, whole_batch=_whole):
     """L_dist = mean(fg) * (C / K) - mean(Do * [Do < thr]) (SPEC 4.3 steps 2-4).
 
     distances: (B, C+K) from `prototype_distances`; labels: (B, C) multi-hot. Both means run over
     all entries of their matrices (B x C and B x K), zeros included. Minimising it pulls features to
-    their own class prototypes and pushes them away from the closest OoD prototypes.
+    their own class prototypes and pushes them away from the closest OoD prototypes. `thr` is taken over
+    `whole_batch(Do)`: the global batch's distances when the batch is split over processes (misc/dist.py).
     """
     fg = distances[:, :C] * labels.to(distances.dtype)
     ood = distances[:, C:C + K]
-    thr = ood_distance_threshold(ood, tau)
+    thr = ood_distance_threshold(whole_batch(ood.detach()), tau)
     selected = ood * (ood < thr).to(ood.dtype)
     return fg.mean() * (C / K) - selected.mean()
 
 
-def anti_adversarial_ood_step(model, images, step):
+def anti_adversarial_ood_step(model, images, step, batch_max=_whole, batch_min=_whole):
     """One anti-adversarial step on an OoD batch (SPEC 4.3 step 5a), detached result.
 
     s = sum_b max_c logits_b,c; g = ds/dimages; images + step * g / (max|g| + 1e-12), clamped to
-    [min(images), max(images)], where max|g|, min and max run over the whole batch tensor.
+    [min(images), max(images)], where max|g|, min and max run over the whole batch tensor
+    (`batch_max` / `batch_min` take them over the global batch when it is split over processes).
     Only the input gradient is computed (torch.autograd.grad), so unlike the original's backward()
     it leaves no gradient on the parameters; the result is the same.
     """
@@ -57,8 +63,8 @@ def anti_adversarial_ood_step(model, images, step):
     score = model(images).max(dim=1).values.sum()
     grad, = torch.autograd.grad(score, images)
     with torch.no_grad():
-        moved = images + step * grad / (grad.abs().max() + 1e-12)
-        return torch.clamp(moved, images.min(), images.max()).detach()
+        moved = images + step * grad / (batch_max(grad.abs().max()) + 1e-12)
+        return torch.clamp(moved, batch_min(images.min()), batch_max(images.max())).detach()
 
 
 def ood_negative_loss(logits, mask_class, id_batch_size):

@@ -7,7 +7,7 @@ batch 1, no augmentation.
 import warnings
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from misc.utils import InputError
@@ -131,11 +131,20 @@ def extract_features(model, dataset, device, num_workers=0, desc="features"):
     return torch.cat(feats), (torch.cat(labels) if labels else None)
 
 
+def sharded_features(model, dataset, device, num_workers, desc):
+    """`extract_features` of the whole dataset, each rank under torchrun extracting its share (misc/dist.py):
+    the same (N, D) features and (N, C) labels on every rank, in the dataset's order."""
+    from misc import dist
+    n = len(dataset)
+    feats, labels = extract_features(model, Subset(dataset, dist.shard(list(range(n)))), device, num_workers, desc)
+    return dist.gather_shards(feats, n), (None if labels is None else dist.gather_shards(labels, n))
+
+
 def id_prototypes(model, args, device):
     """(C, D) class prototypes over args.train_list: full-size images, normalized, no augmentation."""
     from voc12.dataloader import VOC12ClassificationDataset
     dataset = VOC12ClassificationDataset(args.train_list, args.voc12_root)
-    feats, labels = extract_features(model, dataset, device, args.num_workers, desc="ID features")
+    feats, labels = sharded_features(model, dataset, device, args.num_workers, desc="ID features")
     return class_prototypes(feats, labels)
 
 
@@ -144,5 +153,5 @@ def ood_prototypes(model, args, device, paths):
     from wood.data import OoDFeatureDataset
     require_enough_points(len(paths), args.cluster_K)  # before the feature pass, not after it
     dataset = OoDFeatureDataset(args.ood_root, paths, long_side=args.ood_long_side)
-    feats, _ = extract_features(model, dataset, device, args.num_workers, desc="OoD features")
+    feats, _ = sharded_features(model, dataset, device, args.num_workers, desc="OoD features")
     return kmeans(feats, args.cluster_K, args.kmeans_iter)
