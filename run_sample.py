@@ -105,6 +105,9 @@ def build_parser():
     g.add_argument("--amp", choices=["none", "bf16"], default="none",
                    help="make_cam / make_advcam forward passes under bfloat16 autocast (reductions stay float32; "
                         "CAMs within the tolerance of README's Deviations, bench/advcam_speed.py)")
+    g.add_argument("--train_amp", choices=["none", "bf16"], default="none",
+                   help="train_cam / train_wood / train_irn / train_seg forward passes under bfloat16 autocast "
+                        "(losses float32; not the paper's recipe: README \"Deviations\")")
     g.add_argument("--channels_last", type=B, default=False,
                    help="make_cam / make_advcam feed the net NHWC tensors (faster convolutions on GPUs, same maths)")
     g.add_argument("--voc12_root", default=None, help="VOC2012 devkit folder + SegmentationClassAug")

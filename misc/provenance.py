@@ -80,6 +80,12 @@ def flag_values(args, names):
     return _as_json({name: getattr(args, name, None) for name in names})
 
 
+def non_default_flags(args, defaults):
+    """{name: value} of the flags of `defaults` ({name: default}) whose value is not the default: flags added
+    after records were written are recorded only when used, so those records stay valid."""
+    return _as_json({n: getattr(args, n, d) for n, d in defaults.items() if getattr(args, n, d) != d})
+
+
 # -------------------------------------------------------------------------------------- manifests
 
 def _as_json(obj):

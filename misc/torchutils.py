@@ -6,6 +6,7 @@ group runs with momentum = weight decay (1e-4), and each group's own "weight_dec
 real decay. We reproduce that by default; `momentum=` (the driver's --real_momentum) sets a real
 momentum instead (README "Deviations").
 """
+import contextlib
 import warnings
 
 import torch
@@ -150,3 +151,13 @@ def require_finite(step_name, epoch, iteration, flags, loss=None, parameters=Non
     suspects = ", ".join(f"{flag} {value:g}" for flag, value in flags.items())
     raise TrainingDiverged(f"{step_name} diverged: {what} at {where}; nothing was saved. Lower {suspects} "
                            f"(or check the images of the training list) and run the step again")
+
+
+def precision_context(device, amp):
+    """Autocast to bfloat16 for `amp` "bf16" (--amp for make_cam / make_advcam, --train_amp for the training steps:
+    the forward passes; losses and what follows stay float32), else nothing."""
+    if amp in (None, "none"):
+        return contextlib.nullcontext()
+    if amp != "bf16":
+        raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)

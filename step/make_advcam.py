@@ -37,9 +37,10 @@ from torch.utils.data import DataLoader
 from misc import dist, provenance
 from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
+from misc.torchutils import precision_context
 from misc.utils import InputError, save_npz
 from net.resnet50_cam import Net, load_classifier
-from step.make_cam import precision_context, provenance_inputs, scale_maps_to_cam, strided_size
+from step.make_cam import provenance_inputs, scale_maps_to_cam, strided_size
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
 GRAD_EPS = 1e-12        # the original's epsilon of both normalisations (Grad-CAM count, input gradient)

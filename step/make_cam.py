@@ -17,7 +17,6 @@ The maths is in pure functions reused elsewhere: `cam_maps` (W-OoD's checkpoint 
 CAMs in memory), `accumulate_scale_maps` / `normalise_per_class` (AdvCAM builds its output from its
 own per-scale maps).
 """
-import contextlib
 import os
 
 import numpy as np
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader
 from misc import dist, provenance
 from misc.batching import same_size_groups
 from misc.parallel import run_in_processes
-from misc.torchutils import frozen_cpu_graph
+from misc.torchutils import frozen_cpu_graph, precision_context
 from misc.utils import InputError, save_npz
 from net.resnet50_cam import CAM, load_classifier
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
@@ -93,15 +92,6 @@ def cam_maps(model, msf_imgs, size):
     device = next(model.parameters()).device
     outputs = [model(torch.as_tensor(pair).to(device)) for pair in msf_imgs]
     return accumulate_scale_maps(outputs, size)
-
-
-def precision_context(device, amp):
-    """Autocast to bfloat16 for --amp bf16 (forward passes; what follows them stays float32), else nothing."""
-    if amp in (None, "none"):
-        return contextlib.nullcontext()
-    if amp != "bf16":
-        raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def pair_maps(model, pairs, channels_last=False):

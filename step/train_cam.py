@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc.torchutils import make_poly_optimizer, require_finite
+from misc.torchutils import make_poly_optimizer, precision_context, require_finite
 from misc import dist, provenance
 from misc.utils import InputError
 from net.resnet50_cam import PARAM_GROUP_LR_MULT, new_id_classifier
@@ -38,13 +38,14 @@ def validation_loss(model, loader, device):
     return float(dist.total(total)) / max(count, 1)
 
 
-def training_step(model, optimizer, pack, device, loss_of, what):
+def training_step(model, optimizer, pack, device, loss_of, what, amp="none"):
     """One update on the global batch `pack` (dict of batch tensors): this rank's slice of it, its share of
-    the loss (`loss_of(model, slice) / world`), gradients summed over the ranks. Returns the global loss
-    (tensor) for the caller's finiteness check and logging; the caller calls optimizer.step()."""
+    the loss (`loss_of(model, slice) / world`, under `amp` autocast), gradients summed over the ranks. Returns
+    the global loss (tensor) for the caller's finiteness check and logging; the caller calls optimizer.step()."""
     dist.require_same(pack["img"], what)
     local = {k: dist.batch_slice(v).to(device, non_blocking=True) for k, v in pack.items() if torch.is_tensor(v)}
-    share = loss_of(model, local) / dist.world()
+    with precision_context(device, amp):
+        share = loss_of(model, local) / dist.world()
     optimizer.zero_grad()
     share.backward()
     dist.sum_gradients(model.parameters())
@@ -61,7 +62,8 @@ def provenance_inputs(args):
             "train_list": provenance.list_digest(load_img_name_list(args.voc12_root, args.train_list)),
             **provenance.flag_values(args, ["backbone_width", "cam_batch_size", "cam_num_epoches", "cam_learning_rate",
                                             "cam_weight_decay", "cam_crop_size", "cam_resize_long", "real_momentum",
-                                            "seed"])}
+                                            "seed"]),
+            **provenance.non_default_flags(args, {"train_amp": "none"})}
 
 
 def run(args):
@@ -101,7 +103,7 @@ def run(args):
         for step, pack in enumerate(bar, 1):
             loss = training_step(model, optimizer, pack, device,
                                  lambda net, batch: classification_loss(net(batch["img"]), batch["label"]),
-                                 f"batch {step} of epoch {epoch + 1}")
+                                 f"batch {step} of epoch {epoch + 1}", args.train_amp)
             require_finite("train_cam", epoch + 1, step, _suspects(args), loss, model.parameters())
             optimizer.step()
             epoch_loss += loss.item()

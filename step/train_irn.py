@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from misc import dist, indexing, provenance
-from misc.torchutils import make_poly_optimizer, require_finite
+from misc.torchutils import make_poly_optimizer, precision_context, require_finite
 from misc.utils import InputError, require_dir
 from net.resnet50_irn import FEATURE_STRIDE, PARAM_GROUP_LR_MULT, new_training_module
 from voc12.affinity import VOC12AffinityDataset
@@ -99,7 +99,8 @@ def provenance_inputs(args):
             "infer_list": provenance.list_digest(load_img_name_list(args.voc12_root, args.infer_list)),
             **provenance.flag_values(args, ["backbone_width", "irn_crop_size", "irn_batch_size", "irn_num_epoches",
                                             "irn_learning_rate", "irn_weight_decay", "irn_radius", "real_momentum",
-                                            "seed"])}
+                                            "seed"]),
+            **provenance.non_default_flags(args, {"train_amp": "none"})}
 
 
 def run(args):
@@ -148,10 +149,11 @@ def run(args):
         for pack in progress:
             dist.require_same(pack["img"], f"batch {count + 1} of epoch {epoch + 1}")
             local = {k: dist.batch_slice(v).to(device) for k, v in pack.items() if torch.is_tensor(v)}
-            terms = model(local["img"], return_loss=True)
+            with precision_context(device, args.train_amp):
+                terms = model(local["img"], return_loss=True)
             # this rank's shares of the global batch's losses (global pair counts); the gradients add up
-            losses = irn_losses(*terms, local["aff_bg_pos_label"], local["aff_fg_pos_label"], local["aff_neg_label"],
-                                whole_batch=dist.total)
+            losses = irn_losses(*(t.float() for t in terms), local["aff_bg_pos_label"], local["aff_fg_pos_label"],
+                                local["aff_neg_label"], whole_batch=dist.total)
             optimizer.zero_grad()
             losses["total"].backward()
             dist.sum_gradients(model.parameters())

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from misc import dist
 from misc.imutils import read_rgb
+from misc.torchutils import precision_context
 from misc.utils import InputError, load_torch, require_dir, save_torch
 from net.deeplab_v2 import MEAN_BGR, deeplab_v2, msc_state_dict
 from voc12.dataloader import img_path, load_img_name_list, read_index_png, require_images
@@ -246,7 +247,9 @@ def run(args):
         total = 0.0
         for _ in range(args.seg_iter_size):
             images, labels = next(loader)
-            loss = msc_loss(model(images.to(device)), labels, args.seg_iter_size)
+            with precision_context(device, args.train_amp):
+                outputs = model(images.to(device))
+            loss = msc_loss([o.float() for o in outputs], labels, args.seg_iter_size)
             whole = dist.total(loss.detach())  # the whole sub-batch's loss
             if not torch.isfinite(whole):  # stop before the update: the last checkpoint stays good
                 raise InputError(f"train_seg: non-finite loss ({whole.item()}) at update {update}; lower --seg_lr "

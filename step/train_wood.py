@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc.torchutils import make_poly_optimizer, require_finite
+from misc.torchutils import make_poly_optimizer, precision_context, require_finite
 from misc import dist, provenance
 from misc.utils import InputError, save_npz
 from net.resnet50_cam import CAM, PARAM_GROUP_LR_MULT, Net, load_classifier
@@ -175,7 +175,8 @@ def provenance_inputs(args):
                 "kmeans_iter", "distance_lambda", "ood_dist_topk", "ood_coeff", "ood_adv_step", "ood_mask_class",
                 "select_by_gt", "select_scales", "select_eval_thres", "select_every", "select_accumulate",
                 "select_before_update", "wood_empty_cluster",
-                "real_momentum", "seed"])}
+                "real_momentum", "seed"]),
+            **provenance.non_default_flags(args, {"train_amp": "none"})}
 
 
 def run(args):
@@ -238,7 +239,8 @@ def run(args):
             img = dist.batch_slice(pack["img"]).to(device, non_blocking=True)
             label = dist.batch_slice(pack["label"]).to(device, non_blocking=True)
             ood_img = dist.batch_slice(ood_batch).to(device, non_blocking=True)
-            loss, parts = wood_loss(model, img, label, ood_img, prototypes, args)
+            with precision_context(device, args.train_amp):
+                loss, parts = wood_loss(model, img, label, ood_img, prototypes, args)
             optimizer.zero_grad()  # also clears what the anti-adversarial step would leave
             (loss / dist.world()).backward()  # this rank's share of the global batch's loss
             dist.sum_gradients(model.parameters())

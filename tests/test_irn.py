@@ -273,7 +273,7 @@ def test_affinity_dataset(tmp_path):
 def _train_args(tmp_path, voc, **kw):
     args = dict(voc12_root=voc["root"], train_list="train_aug", infer_list="train",
                 ir_label_out_dir=str(tmp_path / "ir"), irn_crop_size=64, irn_batch_size=2, irn_num_epoches=1,
-                irn_learning_rate=0.1, irn_weight_decay=1e-4, irn_radius=5,
+                irn_learning_rate=0.1, irn_weight_decay=1e-4, irn_radius=5, train_amp="none",
                 irn_weights_name=str(tmp_path / "sess" / "irn.pth"), pretrained="none", backbone_width=WIDTH,
                 cam_weights_name=str(tmp_path / "cam.pth"), device="cpu", num_workers=0, real_momentum=None)
     args.update(kw)
