@@ -11,7 +11,8 @@ args.seg_crf), the segmentation column of samples.png. Writes `<work_dir>/<seg_n
 and the summary.json entries `<seg_name>_<split>` and `<seg_name>_<split>_crf` (misc.metrics, 21 classes).
 For args.seg_test_list, when its list and images exist, palette PNGs in the VOC evaluation server's layout
 `<work_dir>/<seg_name>_test/results/VOC2012/Segmentation/comp6_test_cls/<id>.png` (CRF ones when
-args.seg_crf), ready to zip and upload. Resumable: images whose PNGs exist are read back, not recomputed.
+args.seg_crf), ready to zip and upload. Resumable: images whose PNGs exist are read back, not recomputed, if the
+folder's provenance record says the same network made them (misc/provenance.py).
 """
 import os
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydensecrf.utils import unary_from_softmax
 
-from misc import dist
+from misc import dist, provenance
 from misc.imutils import read_rgb
 from misc.metrics import confusion_matrix, scores
 from misc.report import add_to_summary, summary_entry
@@ -96,9 +97,24 @@ def _test_ids(args):
     return ids if all(os.path.isfile(img_path(args.voc12_root, i)) for i in ids) else None
 
 
+def prediction_inputs(args, kind):
+    """What decides the predictions of a folder of `kind` (plain, crf, server; misc/provenance.py)."""
+    inputs = {"weights": provenance.file_digest(args.seg_weights_name), "kind": kind,
+              **provenance.flag_values(args, ["seg_width"])}
+    if kind != "plain" and args.seg_crf:
+        inputs.update(provenance.flag_values(args, ["seg_crf_real_image"]))
+    return inputs
+
+
 def predict_split(args, model, device, ids, folders):
-    """Write the predictions of `ids` into folders {"plain": dir, "crf": dir or None, "server": dir or None}."""
+    """Write the predictions of `ids` into folders {"plain": dir, "crf": dir or None, "server": dir or None};
+    predictions already there are kept only if the same network made them (else the step stops, or with
+    --overwrite recomputes them)."""
     palette = palette_voc()
+    for kind, folder in folders.items():
+        if folder:
+            dist.main_first(provenance.claim_folder, folder, "eval_seg", prediction_inputs(args, kind), ".png",
+                            args, "--seg_weights_name / --seg_name")
     dist.barrier()  # under torchrun: every rank lists the same images still to do, then takes its share
     todo = [i for i in ids if not all(os.path.isfile(os.path.join(f, i + ".png")) for f in folders.values() if f)]
     dist.barrier()

@@ -12,8 +12,10 @@ Resumable: every args.seg_save_every updates a checkpoint (weights, optimizer, u
 is written atomically to `<seg_weights_name>.ckpt`; a re-run continues from it. The sample stream (image
 order and augmentation draws) is a pure function of (seed, sample index), so a resumed run sees the same
 batches as an uninterrupted one and ends with the same weights. Final weights (deeplab-pytorch's MSC key
-layout) go to args.seg_weights_name; the step is skipped when that file exists.
+layout) go to args.seg_weights_name; the step is skipped when that file exists and its provenance record
+matches (misc/provenance.py); a checkpoint is resumed only by a run of the same inputs.
 """
+import json
 import os
 import random
 import time
@@ -25,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from misc import dist
+from misc import dist, provenance
 from misc.imutils import read_rgb
 from misc.torchutils import precision_context
 from misc.utils import InputError, load_torch, require_dir, save_torch
@@ -196,15 +198,23 @@ def _check_labels(label_dir, ids):
                          f"e.g. {missing[0]}.png: run make_sem_seg with --infer_list covering --seg_train_list")
 
 
+def provenance_inputs(args, ids):
+    """What decides the trained network (misc/provenance.py): init weights, labels, list, recipe, seed."""
+    init = None if str(args.seg_init_weights).lower() == "none" else args.seg_init_weights
+    return {"init": provenance.file_digest(init), "label_dir": os.path.normpath(args.seg_label_dir),
+            "labels": provenance.folder_identity(args.seg_label_dir), "train_list": provenance.list_digest(ids),
+            **provenance.flag_values(args, ["seg_width", "seg_batch_size", "seg_iter_size", "seg_iter_max", "seg_lr",
+                                            "seg_momentum", "seg_weight_decay", "seg_poly_power", "seg_lr_step",
+                                            "seg_crop_size", "seg_scales", "seed"]),
+            **provenance.non_default_flags(args, {"train_amp": "none"})}
+
+
 def build_model(args, log=print):
     init = None if str(args.seg_init_weights).lower() == "none" else args.seg_init_weights
     return deeplab_v2(N_CLASSES, init, width=args.seg_width, log=log)
 
 
 def run(args):
-    if os.path.exists(args.seg_weights_name):
-        print(f"train_seg: {args.seg_weights_name} exists, skipped (delete it to retrain)")
-        return
     if args.seg_iter_max < 1 or args.seg_batch_size < 1 or args.seg_iter_size < 1:
         raise InputError("--seg_iter_max, --seg_batch_size and --seg_iter_size must be positive")
     if args.seg_batch_size < dist.world():
@@ -212,8 +222,14 @@ def run(args):
                          f"process takes at least one image of each sub-batch")
     device = torch.device(args.device)
     ids = load_img_name_list(args.voc12_root, args.seg_train_list)
+    inputs = provenance_inputs(args, ids)
+    kept = provenance.file_up_to_date(args.seg_weights_name, "train_seg", inputs, args, "--seg_weights_name")
+    if kept:
+        print(f"train_seg: {args.seg_weights_name} exists; keeping it ({kept})")
+        return
     require_images(args.voc12_root, ids)
     _check_labels(args.seg_label_dir, ids)
+    recorded = json.dumps(inputs, sort_keys=True)  # a checkpoint resumes only the run of these inputs
 
     model = build_model(args).to(device)
     model.train()
@@ -221,8 +237,11 @@ def run(args):
                                 momentum=args.seg_momentum)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     ckpt_path, done = checkpoint_path(args.seg_weights_name), 0
-    if os.path.exists(ckpt_path):
+    if os.path.exists(ckpt_path) and not args.overwrite:  # --overwrite: start over, replacing it
         ckpt = load_torch(ckpt_path, what="a train_seg checkpoint")
+        if ckpt.get("inputs") != recorded:
+            raise InputError(f"{ckpt_path} is a checkpoint of another run (other labels, list, init or flags): "
+                             f"delete it, give another --seg_weights_name, or pass --overwrite true to start over")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -264,10 +283,11 @@ def run(args):
                              img_s=f"{seen / (time.perf_counter() - started):.2f}")
         if update % args.seg_save_every == 0 and update < args.seg_iter_max and dist.is_main():
             save_torch(ckpt_path, {"model": msc_state_dict(model), "optimizer": optimizer.state_dict(),
-                                   "update": torch.tensor(update), "torch_rng": torch.get_rng_state()})
+                                   "update": torch.tensor(update), "torch_rng": torch.get_rng_state(),
+                                   "inputs": recorded})
     progress.close()
     if dist.is_main():
-        save_torch(args.seg_weights_name, msc_state_dict(model))
+        provenance.save_weights(args.seg_weights_name, msc_state_dict(model), "train_seg", inputs)
         if os.path.exists(ckpt_path):
             os.remove(ckpt_path)
     print(f"train_seg: saved {args.seg_weights_name} ({seen / (time.perf_counter() - started):.2f} images/s)")

@@ -2,12 +2,14 @@
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 import run_sample
 from fakevoc import make_fake_voc
 from misc.report import read_summary
+from misc.utils import InputError
 from net.deeplab_v2 import deeplab_v2
 from step import eval_seg
 from step.eval_seg import SERVER_SUBDIR, dense_crf, quirk_crf_image
@@ -75,3 +77,20 @@ def test_no_test_split_means_no_server_folder(tmp_path, capsys):
     assert not (tmp_path / "w" / "deeplab_test").exists()
     assert {e["name"] for e in read_summary(str(tmp_path / "w"))} == {"deeplab_val"}
     assert "no server predictions" in capsys.readouterr().out
+
+
+def test_predictions_of_another_network_are_never_reused(tmp_path):
+    info, model, args = _setup(tmp_path, with_test=False)
+    args.seg_crf = False
+    eval_seg.run(args)
+    plain = tmp_path / "w" / "deeplab_val" / f"{info['val'][0]}.png"
+    before = plain.stat().st_mtime_ns
+    eval_seg.run(args)  # the same network: the predictions are kept
+    assert plain.stat().st_mtime_ns == before
+    torch.manual_seed(1)  # retrained: other weights in the same file
+    torch.save(deeplab_v2(21, None, width=4, n_blocks=(1, 1, 1, 1)).state_dict(), tmp_path / "seg.pth")
+    with pytest.raises(InputError, match="deeplab_val holds 2 eval_seg output"):
+        eval_seg.run(args)
+    args.overwrite = True
+    eval_seg.run(args)
+    assert plain.stat().st_mtime_ns != before

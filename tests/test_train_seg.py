@@ -141,6 +141,9 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(voc, tmp_path, mon
     ckpt = load_torch(train_seg.checkpoint_path(part.seg_weights_name))
     assert int(ckpt["update"]) == 3
     monkeypatch.setattr(train_seg, "msc_loss", real_loss)
+    other = _args(tmp_path, info, "--seg_name", "part", "--seg_save_every", "1", "--seg_lr", "0.02")
+    with pytest.raises(InputError, match="is a checkpoint of another run"):  # never resumed by other inputs
+        train_seg.run(other)
     torch.manual_seed(123)  # a different global seed: the stream must not depend on it
     train_seg.run(part)
     a, b = load_torch(whole.seg_weights_name), load_torch(part.seg_weights_name)
@@ -148,6 +151,9 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(voc, tmp_path, mon
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
     assert not torch.allclose(ckpt["model"]["base.aspp.c0.weight"], b["base.aspp.c0.weight"])  # update 4 ran
+    train_seg.run(part)  # made by the same inputs: kept
+    with pytest.raises(InputError, match="seg_lr"):  # made by other inputs: the step stops and says what differs
+        train_seg.run(_args(tmp_path, info, "--seg_name", "part", "--seg_lr", "0.02"))
 
 
 def test_non_finite_loss_stops_the_step(voc, tmp_path, monkeypatch):
