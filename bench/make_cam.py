@@ -39,14 +39,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import run_sample  # noqa: E402
-from fakevoc import make_fake_voc  # noqa: E402
+from fakevoc import make_fake_voc, random_bn_statistics  # noqa: E402
 from misc import imutils  # noqa: E402
 from misc.utils import load_npz, save_npz, save_torch  # noqa: E402
 from net.resnet50_cam import CAM, load_classifier  # noqa: E402
@@ -104,12 +103,7 @@ def cpu_seconds():
 def make_weights(path, width, seed):
     """A random-init CAM net with frozen BN and non-trivial running statistics, saved to `path`."""
     torch.manual_seed(seed)
-    model = CAM(width=width)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 1.5)
-                m.running_mean.normal_(0, 0.1)
+    model = random_bn_statistics(CAM(width=width))
     save_torch(path, model.state_dict())
 
 

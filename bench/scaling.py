@@ -27,7 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from fakevoc import make_fake_voc  # noqa: E402
+from fakevoc import make_fake_voc, random_bn_statistics  # noqa: E402
 from misc.utils import save_torch  # noqa: E402
 from net.resnet50_cam import Net  # noqa: E402
 
@@ -36,12 +36,7 @@ OUT_FLAG = {"make_cam": "--cam_out_dir", "make_advcam": "--advcam_out_dir"}
 
 def random_classifier(path, width, seed=0):
     torch.manual_seed(seed)
-    model = Net(pretrained="none", width=width)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 1.5)
-                m.running_mean.normal_(0, 0.1)
+    model = random_bn_statistics(Net(pretrained="none", width=width))
     save_torch(path, model.state_dict())
 
 

@@ -86,3 +86,15 @@ def make_fake_voc(root, n_train=4, n_val=2, size=64, seed=0, n_aug_only=2, n_cla
         with open(os.path.join(root, "ImageSets", "Segmentation", name + ".txt"), "w") as f:
             f.write("\n".join(split) + "\n")
     return info
+
+
+def random_bn_statistics(model):
+    """Give every BatchNorm of `model` non-trivial running statistics (in place, from torch's generator), so
+    that frozen-BN nets built from random weights do not have the identity BatchNorm; returns `model`."""
+    import torch
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5)
+                m.running_mean.normal_(0, 0.1)
+    return model

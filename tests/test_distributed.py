@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fakevoc import make_fake_voc
+from fakevoc import make_fake_voc, random_bn_statistics
 from misc.utils import load_torch, save_torch
 from net.resnet50 import ResNet50
 
@@ -70,12 +70,7 @@ def setup(tmp_path_factory):
         Image.fromarray(rng.randint(0, 256, (48, 64, 3)).astype(np.uint8)).save(pool / name)
     (pool / "candidates.txt").write_text("".join(n + "\n" for n in names))
     torch.manual_seed(0)
-    backbone = ResNet50(width=WIDTH)
-    with torch.no_grad():  # non-trivial frozen BatchNorm statistics
-        for m in backbone.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 1.5)
-                m.running_mean.normal_(0, 0.1)
+    backbone = random_bn_statistics(ResNet50(width=WIDTH))
     save_torch(str(base / "backbone.pth"), backbone.state_dict())
     return base, voc
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fakevoc import make_fake_voc
+from fakevoc import make_fake_voc, random_bn_statistics
 from misc import imutils
 from misc.metrics import cam_to_label, confusion_matrix, scores
 from misc.torchutils import frozen_cpu_graph
@@ -27,12 +27,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("makecam")
     info = make_fake_voc(root / "VOC2012", n_train=3, n_val=1, n_aug_only=0, sizes=SIZES, seed=3)
     torch.manual_seed(0)
-    model = CAM(width=WIDTH)
-    with torch.no_grad():  # non-trivial BN statistics
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 1.5)
-                m.running_mean.normal_(0, 0.1)
+    model = random_bn_statistics(CAM(width=WIDTH))
     weights = str(root / "cam.pth")
     save_torch(weights, model.state_dict())
     args = argparse.Namespace(

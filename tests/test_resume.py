@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import run_sample
+from fakevoc import random_bn_statistics
 from misc.provenance import FOLDER_MANIFEST
 from misc.utils import InputError, load_npz, save_torch
 from net.resnet50_cam import CAM
@@ -167,12 +168,7 @@ def assert_only_hidden_leftovers(folder, outputs, sig, log):
 
 def make_random_weights(path, seed=0):
     torch.manual_seed(seed)
-    model = CAM(width=WIDTH)
-    with torch.no_grad():  # non-trivial frozen BN statistics
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 1.5)
-                m.running_mean.normal_(0, 0.1)
+    model = random_bn_statistics(CAM(width=WIDTH))
     save_torch(str(path), model.state_dict())
 
 
