@@ -393,9 +393,23 @@ def new_config_path(work_dir, stamp):
             continue
 
 
-def check_distributed(args, world):
-    """InputError if a switched-on step cannot run on `world` processes (every step splits its work)."""
-    if world > 1 and args.train_cam_pass and str(args.pretrained).lower() == "none":
+# the batch sizes each training step splits over torchrun's processes
+SPLIT_BATCHES = {"train_cam": ["cam_batch_size"], "train_wood": ["wood_batch_size", "ood_batch_size"],
+                 "train_irn": ["irn_batch_size"]}
+
+
+def check_distributed(args, dist):
+    """InputError if a switched-on step cannot run on dist.world() processes (every step splits its work)."""
+    if dist.world() == 1:
+        return
+    for step, flags in SPLIT_BATCHES.items():
+        if getattr(args, f"{step}_pass"):
+            for flag in flags:
+                dist.per_rank(getattr(args, flag), f"--{flag}")
+    if args.train_seg_pass and args.seg_batch_size < dist.world():
+        raise InputError(f"--seg_batch_size {args.seg_batch_size} is below the {dist.world()} processes: every "
+                         f"process takes at least one image of each sub-batch")
+    if args.train_cam_pass and str(args.pretrained).lower() == "none":
         raise InputError("--pretrained none trains BatchNorm on batch statistics, which would then be each "
                          "process's part of the batch: run train_cam from scratch with one process")
 
@@ -408,8 +422,12 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         args.device = dist.init(args.device)
+    except InputError as e:  # this rank's own problem (its GPU): every rank says it
+        print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
+        return 2
+    try:
         validate_args(args)
-        check_distributed(args, dist.world())
+        check_distributed(args, dist)
         if not any(getattr(args, f"{name}_pass") for name, _ in STEPS):
             raise InputError("no step is switched on: pass --<step>_pass true for the steps to run, e.g. "
                              "--train_cam_pass true (bash_run_sample.sh runs them all)")

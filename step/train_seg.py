@@ -217,9 +217,6 @@ def build_model(args, log=print):
 def run(args):
     if args.seg_iter_max < 1 or args.seg_batch_size < 1 or args.seg_iter_size < 1:
         raise InputError("--seg_iter_max, --seg_batch_size and --seg_iter_size must be positive")
-    if args.seg_batch_size < dist.world():
-        raise InputError(f"--seg_batch_size {args.seg_batch_size} is below the {dist.world()} processes: every "
-                         f"process takes at least one image of each sub-batch")
     device = torch.device(args.device)
     ids = load_img_name_list(args.voc12_root, args.seg_train_list)
     inputs = provenance_inputs(args, ids)

@@ -240,3 +240,16 @@ def test_one_process_is_the_identity_and_batches_must_divide(monkeypatch):
     assert torch.equal(dist.batch_slice(t), t[2:4])
     with pytest.raises(InputError, match="--cam_batch_size 16 does not divide by the 3 processes"):
         dist.per_rank(16, "--cam_batch_size")
+
+
+def test_a_batch_that_does_not_split_is_one_line_before_any_step(setup, tmp_path):
+    base, voc = setup
+    argv = pipeline_argv(base, voc, tmp_path / "w") + ["--cam_batch_size", "3"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "run_sample.py", *argv], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode != 0
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error")]
+    assert errors == ["error: --cam_batch_size 3 does not divide by the 2 processes: the global batch is split "
+                      "evenly over them; choose a batch size or a process count that divides"]
+    assert not (tmp_path / "w").exists()  # nothing written, not even the config
