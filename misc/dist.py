@@ -2,7 +2,7 @@
 steps use. Without torchrun (no WORLD_SIZE > 1 in the environment) this is rank 0 of 1 and every function
 is the identity, so one process runs exactly the code it ran before.
 
-How the work is split (docs/running.md "Several GPUs / several nodes"):
+How the work is split (docs/running.md "Several processes (torchrun)"):
 - per-image steps: every rank takes its share of the images still to do (`pending_shard`), one rank's
   outputs are the one process's outputs for those images;
 - training steps: every rank builds the same data loader with the same seed, so it draws the same global
@@ -232,11 +232,6 @@ def require_same(tensor, what):
         raise RuntimeError(f"the {world()} processes disagree on {what}: their random generators or inputs "
                            f"diverged (a step that drew random numbers on some ranks only); results would "
                            f"depend on the process count, so the run stops")
-
-
-def rng_digest():
-    """The global torch generator's state as a float tensor (for `require_same`)."""
-    return torch.get_rng_state().double()
 
 
 def main_first(fn, *args, **kwargs):
