@@ -98,3 +98,24 @@ def random_bn_statistics(model):
                 m.running_var.uniform_(0.5, 1.5)
                 m.running_mean.normal_(0, 0.1)
     return model
+
+
+# A tiny ToyVOC (toy.toyvoc flags) and the driver flags of a tiny whole run on it (test_cuda, test_distributed)
+TINY_TOYVOC = ["--n_train_aug", "12", "--n_train", "8", "--n_val", "4", "--n_ood_hard", "8",
+               "--n_ood_easy", "8", "--long_min", "64", "--long_max", "80"]
+
+
+def tiny_flags(root):
+    """Driver flags of a tiny run: paths under `root`, small sizes, one epoch each, width-8 backbone."""
+    voc, ood, sess = root / "voc", root / "ood", root / "sess"
+    return ["--voc12_root", str(voc), "--ood_pool_root", str(ood), "--ood_pool_list", str(ood / "candidates.txt"),
+            "--ood_root", str(ood), "--pretrained", "none", "--backbone_width", "8",
+            "--cam_weights_name", str(sess / "cam.pth"), "--wood_weights_name", str(sess / "wood.pth"),
+            "--irn_weights_name", str(sess / "irn.pth"), "--num_workers", "0",
+            "--seg_init_weights", "none", "--seg_width", "8", "--seg_iter_max", "2", "--seg_save_every", "1",
+            "--seg_crop_size", "33",
+            "--cam_batch_size", "4", "--cam_num_epoches", "1", "--cam_resize_long", "48", "80",
+            "--cam_crop_size", "64", "--cam_scales", "1.0", "0.5",
+            "--mine_th", "0.0", "--wood_batch_size", "4", "--ood_batch_size", "4", "--wood_num_epoches", "1",
+            "--cluster_K", "3", "--ood_long_side", "64", "--select_every", "1", "--select_scales", "1.0", "0.5",
+            "--adv_iter", "2", "--irn_crop_size", "64", "--irn_batch_size", "4", "--irn_num_epoches", "1"]

@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fakevoc import make_fake_voc, random_bn_statistics
+from fakevoc import TINY_TOYVOC, make_fake_voc, random_bn_statistics, tiny_flags
 from misc.utils import load_torch, save_torch
 from net.resnet50 import ResNet50
 
@@ -253,3 +253,25 @@ def test_a_batch_that_does_not_split_is_one_line_before_any_step(setup, tmp_path
     assert errors == ["error: --cam_batch_size 3 does not divide by the 2 processes: the global batch is split "
                       "evenly over them; choose a batch size or a process count that divides"]
     assert not (tmp_path / "w").exists()  # nothing written, not even the config
+
+
+def test_bash_run_sample_on_two_processes(tmp_path):
+    """`bash bash_run_sample.sh --toy --nproc 2`: every stage under torchrun on a tiny ToyVOC, one report."""
+    from toy import toyvoc
+    toyvoc.run(toyvoc.parse_args(["--out", str(tmp_path / "voc"), "--ood_out", str(tmp_path / "ood"), *TINY_TOYVOC]))
+    torch.manual_seed(0)
+    save_torch(str(tmp_path / "backbone.pth"), random_bn_statistics(ResNet50(width=WIDTH)).state_dict())
+    flags = tiny_flags(tmp_path)
+    flags[flags.index("--pretrained") + 1] = str(tmp_path / "backbone.pth")  # not from scratch: frozen BatchNorm
+    work = tmp_path / "w"
+    done = subprocess.run(["bash", "bash_run_sample.sh", "--toy", "--nproc", "2", "--device", "cpu",
+                           "--work_dir", str(work), *flags, "--cam_learning_rate", "0.01",
+                           "--wood_learning_rate", "0.001", "--irn_learning_rate", "0.01"],
+                          cwd=ROOT, env=dict(_env(), PYTHON=sys.executable), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    entries = {e["name"] for e in json.load(open(work / "summary.json"))}
+    assert entries >= {"baseline_cam", "wood_cam", "wood_advcam", "pseudo_mask", "deeplab_val", "deeplab_val_crf"}
+    configs = [json.loads(p.read_text()) for p in sorted(work.glob("config-*.json"))]
+    assert len(configs) >= 5 and all(c["world_size"] == 2 for c in configs)
+    assert (work / "summary.md").is_file()
