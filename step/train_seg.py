@@ -272,7 +272,7 @@ def run(args):
                                  f"or check the labels in {args.seg_label_dir}")
             loss.backward()
             total += whole.item()
-            seen += int(dist.total(torch.tensor(images.shape[0])))
+            seen += args.seg_batch_size  # the whole sub-batch, all ranks (the stream is whole updates)
         dist.sum_gradients(model.parameters())
         optimizer.step()
         set_lrs(optimizer, base_lrs, update, args.seg_iter_max, args.seg_poly_power, args.seg_lr_step)
