@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import run_sample  # noqa: E402
-from fakevoc import make_fake_voc  # noqa: E402
+from fakevoc import driver_args, make_fake_voc  # noqa: E402
 from net.resnet50_cam import Net  # noqa: E402
 from step.eval_cam import sweep_thresholds  # noqa: E402
 from step.make_advcam import group_advcam  # noqa: E402
@@ -189,13 +189,14 @@ def main():
         dataset = VOC12ClassificationDatasetMSF(info["train"], info["root"], scales=a.scales)
         packs = [dataset[i] for i in range(len(dataset))]
     n_runs = sum(int(pk["label"].sum()) for pk in packs)
-    rule = (a.adv_iter, 7.0, 0.08, 0.5)
+    # the paper's regulariser constants, from the driver's parser (its one source of configuration)
+    step_args = {amp: driver_args(adv_iter=a.adv_iter, amp=amp, channels_last=a.channels_last) for amp in a.amp}
+    paper = step_args[a.amp[0]]
+    rule = (a.adv_iter, paper.AD_coeff, paper.AD_stepsize, paper.score_th)
     model = attacked_net(a.width, a.seed, device)
     fast_model = attacked_net(a.width, a.seed, device, a.channels_last) if a.channels_last else model
     variants = [(f"make_advcam batch {b} amp {amp}" + (" channels_last" if a.channels_last else ""), b, amp)
                 for amp in a.amp for b in a.batch]
-    step_args = {amp: argparse.Namespace(adv_iter=a.adv_iter, AD_coeff=7.0, AD_stepsize=0.08, score_th=0.5, amp=amp,
-                                         channels_last=a.channels_last) for amp in a.amp}
     thresholds = [round(0.05 * i, 2) for i in range(1, 13)]
 
     # warm-up (allocator, cuDNN autotuning) on the first image, not timed

@@ -88,7 +88,7 @@ def best_threshold(sweep):
 # -------------------------------------------------------------------------------------------- I/O
 
 def _producing_step(args, cam_dir):
-    advcam_dir = getattr(args, "advcam_out_dir", None)
+    advcam_dir = args.advcam_out_dir
     if advcam_dir and os.path.abspath(cam_dir) == os.path.abspath(advcam_dir):
         return "make_advcam (--make_advcam_pass true)"
     return "make_cam (--make_cam_pass true) with --cam_out_dir " + cam_dir

@@ -184,8 +184,8 @@ def group_advcam(model, images, args):
             pairs = torch.stack([torch.as_tensor(msf[position]) for msf, _, _ in images]).to(device)
             acc = advcam_regions_fitting_memory(model, pairs[owner], classes, n_iter, args.AD_coeff,
                                                 args.AD_stepsize, args.score_th,
-                                                amp=getattr(args, "amp", "none"),
-                                                channels_last=getattr(args, "channels_last", False))
+                                                amp=args.amp,
+                                                channels_last=args.channels_last)
             for maps, part in zip(scale_maps, acc.split(counts)):
                 maps.append(part * multiplier)
     (size,) = sizes
@@ -223,7 +223,7 @@ def load_attacked_model(args, weights, hint):
     model = load_classifier(args, weights, cls=Net, hint=hint)
     for p in model.parameters():  # only input gradients are needed
         p.requires_grad_(False)
-    if getattr(args, "channels_last", False):
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -254,7 +254,7 @@ def _run_single(args, model, dataset, progress):
     device = torch.device(args.device)
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    batch = getattr(args, "advcam_batch", 1)
+    batch = args.advcam_batch
     if batch < 1:
         raise InputError(f"--advcam_batch must be at least 1 (images per batch), got {batch}")
     groups = same_size_groups(loader, lambda pack: (int(pack["size"][0]), int(pack["size"][1])), batch)
@@ -276,8 +276,8 @@ def run(args):
     print(f"make_advcam: {len(ids)} images of {args.infer_list}, {len(ids) - len(todo)} already in "
           f"{args.advcam_out_dir}, weights {weights}, scales {order} (in this order), adv_iter {args.adv_iter}, "
           f"AD_coeff {args.AD_coeff}, AD_stepsize {args.AD_stepsize}, score_th {args.score_th}, "
-          f"{getattr(args, 'advcam_batch', 1)} image(s) of one size per batch, amp {getattr(args, 'amp', 'none')}"
-          f"{', channels_last' if getattr(args, 'channels_last', False) else ''}, {dist.world()} process(es)")
+          f"{args.advcam_batch} image(s) of one size per batch, amp {args.amp}"
+          f"{', channels_last' if args.channels_last else ''}, {dist.world()} process(es)")
     if not mine:
         return
     # built here first so that bad weights or missing images fail at once, with a clear message

@@ -153,7 +153,7 @@ def _size(pack_size):
 
 def _write_group(model, packs, args, device):
     images = [(pack["img"], _size(pack["size"]), pack["label"]) for pack in packs]
-    arrays = group_cam(model, images, device, getattr(args, "amp", "none"), getattr(args, "channels_last", False))
+    arrays = group_cam(model, images, device, args.amp, args.channels_last)
     for pack, saved in zip(packs, arrays):
         save_npz(cam_path(args.cam_out_dir, pack["name"]), **saved)
 
@@ -168,9 +168,9 @@ def weights_of(args):
 def for_inference(args, model):
     """What make_cam runs: on CPU with --cpu_jit (and no --amp) the CAM net's frozen TorchScript graph,
     else the net (NHWC weights with --channels_last)."""
-    if args.cpu_jit and torch.device(args.device).type == "cpu" and getattr(args, "amp", "none") == "none":
+    if args.cpu_jit and torch.device(args.device).type == "cpu" and args.amp == "none":
         return frozen_cpu_graph(model, torch.zeros(2, 3, 64, 64)) or model
-    if getattr(args, "channels_last", False):
+    if args.channels_last:
         return model.to(memory_format=torch.channels_last)
     return model
 
@@ -201,7 +201,7 @@ def _run_single(args, model, dataset, progress):
     # batch_size=None: one image per item, its MSF list kept as is
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=loader_workers,
                         pin_memory=device.type == "cuda")
-    batch = getattr(args, "make_cam_batch", 1)
+    batch = args.make_cam_batch
     if batch < 1:
         raise InputError(f"--make_cam_batch must be at least 1 (images per forward), got {batch}")
     groups = same_size_groups(loader, lambda pack: _size(pack["size"]), batch)

@@ -14,11 +14,13 @@ cycled over the images (to test non-square, non-multiple-of-16 shapes).
 Returns a dict: root, train, val, aug_only (id lists), labels {id: (20,) float32 multi-hot},
 gt {id: (H, W) uint8}.
 """
+import argparse
 import os
 
 import numpy as np
 from PIL import Image
 
+import run_sample
 from misc.utils import palette_voc
 
 CAT_LIST = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -98,6 +100,15 @@ def random_bn_statistics(model):
                 m.running_var.uniform_(0.5, 1.5)
                 m.running_mean.normal_(0, 0.1)
     return model
+
+
+def driver_args(work_dir=None, **values):
+    """What a step's run(args) gets from the driver: its parser's defaults (paper preset, CPU, outputs under
+    `work_dir`) with `values` set on top, so a test names only what it changes. Without `work_dir` the
+    output folders lie under /dev/null, where any write fails: for tests of functions that write nothing."""
+    work_dir = work_dir or os.path.join(os.devnull, "no-outputs")
+    args = run_sample.parse_args(["--device", "cpu", "--work_dir", str(work_dir)])
+    return argparse.Namespace(**{**vars(args), **values})
 
 
 # A tiny ToyVOC (toy.toyvoc flags) and the driver flags of a tiny whole run on it (test_cuda, test_distributed)

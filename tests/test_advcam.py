@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.advcam_speed import literal_class_run, literal_image_advcam
+from fakevoc import driver_args
 from misc.batching import same_size_groups
 from misc.utils import InputError, load_npz, save_torch
 from net.resnet50_cam import Net
@@ -65,7 +66,7 @@ def test_image_advcam_equals_literal_per_class_per_scale(model64):
         msf.append(pair_of(scaled))
     label = torch.zeros(20)
     label[[2, 5]] = 1
-    args = argparse.Namespace(adv_iter=12, AD_coeff=7.0, AD_stepsize=0.08, score_th=0.5)
+    args = driver_args(adv_iter=12)
     got = image_advcam(model64, msf, (height, width), label, args)
     assert got["keys"].tolist() == [2, 5] and got["keys"].dtype == np.int64
     assert got["cam"].shape == (2, 13, 15) and got["high_res"].shape == (2, height, width)
@@ -98,8 +99,7 @@ def test_several_images_in_one_batch_equal_the_literal_loop(model64):
     size = (40, 52)
     imgs = [torch.randn(3, *size, generator=g, dtype=torch.float64) for _ in range(3)]
     labels = labels_of([1, 9], [], [9])
-    args = argparse.Namespace(adv_iter=7, AD_coeff=7.0, AD_stepsize=0.08, score_th=0.5, amp="none",
-                              channels_last=False)
+    args = driver_args(adv_iter=7)
     got = make_advcam.group_advcam(model64, [(msf_of(img, (1.0, 0.5)), size, label)
                                              for img, label in zip(imgs, labels)], args)
     assert [r["keys"].tolist() for r in got] == [[1, 9], [], [9]]
@@ -140,8 +140,7 @@ def test_float32_batch_channels_last_and_bf16_against_the_literal_loop(model32):
     literal = [literal_image_advcam(model32, msf, size, torch.nonzero(label)[:, 0], 5, 7.0, 0.08, 0.5)
                for msf, _, label in images]
     for amp, channels_last in [("none", False), ("none", True), ("bf16", False)]:
-        args = argparse.Namespace(adv_iter=5, AD_coeff=7.0, AD_stepsize=0.08, score_th=0.5, amp=amp,
-                                  channels_last=channels_last)
+        args = driver_args(adv_iter=5, amp=amp, channels_last=channels_last)
         net = model32.to(memory_format=torch.channels_last) if channels_last else model32
         got = make_advcam.group_advcam(net, images, args)
         model32.to(memory_format=torch.contiguous_format)
@@ -171,7 +170,7 @@ def test_same_size_groups():
 
 
 def test_image_without_labels(model64):
-    args = argparse.Namespace(adv_iter=3, AD_coeff=7.0, AD_stepsize=0.08, score_th=0.5)
+    args = driver_args(adv_iter=3)
     got = image_advcam(model64, [pair_of(torch.zeros(3, 20, 24, dtype=torch.float64))], (20, 24), torch.zeros(20),
                        args)
     assert got["keys"].shape == (0,) and got["cam"].shape == (0, 5, 6) and got["high_res"].shape == (0, 20, 24)
@@ -182,11 +181,11 @@ def advcam_args(fake_voc, tmp_path):
     torch.manual_seed(0)
     net = Net(width=8)
     save_torch(str(tmp_path / "wood.pth"), net.state_dict())
-    return argparse.Namespace(
-        voc12_root=fake_voc["root"], infer_list="train", device="cpu", num_workers=0, backbone_width=8,
+    return driver_args(
+        tmp_path / "work", voc12_root=fake_voc["root"], infer_list="train", num_workers=0, backbone_width=8,
         make_advcam_from="wood", wood_weights_name=str(tmp_path / "wood.pth"),
-        cam_weights_name=str(tmp_path / "missing_cam.pth"), cam_scales=[1.0, 0.5], adv_iter=3, AD_coeff=7.0,
-        AD_stepsize=0.08, score_th=0.5, advcam_out_dir=str(tmp_path / "advcam"))
+        cam_weights_name=str(tmp_path / "missing_cam.pth"), cam_scales=[1.0, 0.5], adv_iter=3,
+        advcam_out_dir=str(tmp_path / "advcam"))
 
 
 def assert_same_files(dir_a, dir_b, ids, atol):

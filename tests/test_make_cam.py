@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fakevoc import make_fake_voc, random_bn_statistics
+from fakevoc import driver_args, make_fake_voc, random_bn_statistics
 from misc import imutils
 from misc.metrics import cam_to_label, confusion_matrix, scores
 from misc.torchutils import frozen_cpu_graph
@@ -30,12 +30,11 @@ def setup(tmp_path_factory):
     model = random_bn_statistics(CAM(width=WIDTH))
     weights = str(root / "cam.pth")
     save_torch(weights, model.state_dict())
-    args = argparse.Namespace(
-        voc12_root=info["root"], infer_list="train", chainer_eval_set="train", cam_scales=SCALES,
+    args = driver_args(
+        root / "work", voc12_root=info["root"], infer_list="train", chainer_eval_set="train", cam_scales=SCALES,
         make_cam_from="id", cam_weights_name=weights, wood_weights_name=str(root / "missing_wood.pth"),
         cam_out_dir=str(root / "cams"), eval_cam_dir=str(root / "cams"), advcam_out_dir=str(root / "advcam"),
-        backbone_width=WIDTH, device="cpu", num_workers=0, work_dir=str(root / "work"), eval_name=None,
-        cpu_jit=False, cam_eval_thres=[0.05, 0.1, 0.2, 0.3, 0.5])
+        backbone_width=WIDTH, num_workers=0, cpu_jit=False, cam_eval_thres=[0.05, 0.1, 0.2, 0.3, 0.5])
     make_cam.run(args)
     return info, model.eval(), args
 
