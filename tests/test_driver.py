@@ -53,15 +53,16 @@ def test_paper_preset_finds_the_release_layout():
     assert not any(getattr(a, f"{name}_pass") for name, _ in run_sample.STEPS)
 
 
-def test_toy_preset_keeps_the_method_constants_but_ood_coeff_and_command_line_wins():
+def test_toy_preset_keeps_the_method_constants_but_the_ood_weight_and_its_lr_and_command_line_wins():
     a = run_sample.parse_args(["--preset", "toy", "--cluster_K", "5", "--work_dir", "/tmp/w"])
     paper = run_sample.parse_args([])
     assert a.pretrained == os.path.join("sess", "toy", "resnet50_toynet_w16.pth") and a.backbone_width == 16
     assert a.voc12_root == "Data/ToyVOC" and a.cluster_K == 5
-    assert a.ood_coeff == 4.0 and paper.ood_coeff == 0.25   # the one method weight the toy changes
+    assert a.ood_coeff == 4.0 and paper.ood_coeff == 0.25   # the one method weight the toy changes,
+    assert a.wood_learning_rate == 0.025 and paper.wood_learning_rate == 0.1   # and the lr it trains stably at
     for name in ["distance_lambda", "ood_dist_topk", "ood_adv_step", "AD_coeff", "AD_stepsize",
                  "score_th", "beta", "exp_times", "conf_fg_thres", "conf_bg_thres", "cam_learning_rate",
-                 "wood_learning_rate", "irn_learning_rate"]:
+                 "irn_learning_rate"]:
         assert getattr(a, name) == getattr(paper, name), name
     assert a.cam_out_dir == "/tmp/w/wood_cam" and a.eval_cam_dir == a.cam_out_dir
     assert a.ir_label_cam_dir == "/tmp/w/wood_advcam" == a.sem_seg_cam_dir
