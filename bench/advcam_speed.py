@@ -189,9 +189,8 @@ def main():
         dataset = VOC12ClassificationDatasetMSF(info["train"], info["root"], scales=a.scales)
         packs = [dataset[i] for i in range(len(dataset))]
     n_runs = sum(int(pk["label"].sum()) for pk in packs)
-    # the paper's regulariser constants, from the driver's parser (its one source of configuration)
     step_args = {amp: driver_args(adv_iter=a.adv_iter, amp=amp, channels_last=a.channels_last) for amp in a.amp}
-    paper = step_args[a.amp[0]]
+    paper = driver_args()  # the regulariser's constants, from the driver's parser (its one source of configuration)
     rule = (a.adv_iter, paper.AD_coeff, paper.AD_stepsize, paper.score_th)
     model = attacked_net(a.width, a.seed, device)
     fast_model = attacked_net(a.width, a.seed, device, a.channels_last) if a.channels_last else model
