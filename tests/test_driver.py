@@ -58,7 +58,7 @@ def test_toy_preset_keeps_the_method_constants_but_the_ood_weight_and_its_lr_and
     paper = run_sample.parse_args([])
     assert a.pretrained == os.path.join("sess", "toy", "resnet50_toynet_w16.pth") and a.backbone_width == 16
     assert a.voc12_root == "Data/ToyVOC" and a.cluster_K == 5
-    assert a.ood_coeff == 4.0 and paper.ood_coeff == 0.25   # the one method weight the toy changes,
+    assert a.ood_coeff == 8.0 and paper.ood_coeff == 0.25   # the one method weight the toy changes,
     assert a.wood_learning_rate == 0.025 and paper.wood_learning_rate == 0.1   # and the lr it trains stably at
     for name in ["distance_lambda", "ood_dist_topk", "ood_adv_step", "AD_coeff", "AD_stepsize",
                  "score_th", "beta", "exp_times", "conf_fg_thres", "conf_bg_thres", "cam_learning_rate",
