@@ -2,6 +2,7 @@
 
     python bench/advcam_speed.py                                   # small and fast, for a 2-core CPU
     python bench/advcam_speed.py --voc_sized --device cuda --amp none bf16 --batch 1 4 8
+    python bench/advcam_speed.py --voc_sized --scales 1.0 --n 2 --batch 1 2 --no_warmup   # on a CPU: ~20 min
     (--voc_sized: 375x500 images, full-width ResNet-50 (width 64), adv_iter 27, scales 1.0 0.5 1.5 2.0)
 
 The literal loop (`literal_image_advcam`, also the reference of tests/test_advcam.py) follows SPEC 4.6
@@ -175,6 +176,8 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_warmup", action="store_true",
+                   help="skip the untimed first-image pass of each side (on a CPU it only saves time)")
     a = p.parse_args()
     if a.voc_sized:
         a.size, a.width, a.adv_iter = [375, 500], 64, 27
@@ -198,10 +201,10 @@ def main():
                 for amp in a.amp for b in a.batch]
     thresholds = [round(0.05 * i, 2) for i in range(1, 13)]
 
-    # warm-up (allocator, cuDNN autotuning) on the first image, not timed
-    run_literal(model, packs[:1], rule, device)
-    for _, b, amp in variants:
-        run_ours(fast_model, packs[:1], step_args[amp], b)
+    if not a.no_warmup:  # allocator, cuDNN autotuning: on the first image, not timed
+        run_literal(model, packs[:1], rule, device)
+        for _, b, amp in variants:
+            run_ours(fast_model, packs[:1], step_args[amp], b)
     rates = {name: [] for name in ["literal loop"] + [v[0] for v in variants]}
     outputs = {}
     for r in range(a.repeats):
