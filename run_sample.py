@@ -456,7 +456,6 @@ def _run_steps(args, dist):
         sys.stdout = _Tee(open(os.devnull, "w"), log)
     dist.barrier()
     print(f"== run_sample.py {stamp} on {dist.world()} process(es), config: " + json.dumps(vars(args), sort_keys=True))
-    seed_everything(args.seed)
     set_precision(args.allow_tf32)
     if args.cpu_threads:
         import torch
@@ -475,6 +474,9 @@ def _run_steps(args, dist):
                 raise InputError(f"step {name} ({module.replace('.', '/')}.py) is not implemented yet; "
                                  f"run with --{name}_pass false") from None
             print(f"== step {name}")
+            # each step draws from the seed itself, not from what the steps before it in this call drew:
+            # a step gives the same result run alone, in a stage, or after a resume that skipped earlier steps
+            seed_everything(args.seed)
             started = datetime.datetime.now()
             if name in RANK0_STEPS and not dist.is_main():
                 pass

@@ -66,6 +66,18 @@ _OPTIONAL_SUFFIX = ".num_batches_tracked"  # absent from checkpoints of old PyTo
 _MAX_LISTED = 8
 
 
+def train_only(model, groups):
+    """Let only the parameters of `groups` (lists of parameters) require gradients; returns `groups`.
+
+    A parameter no optimizer updates then costs no backward pass: the released training steps compute and
+    discard such gradients. The gradients of the trained parameters do not change, nor those of inputs
+    that require them (W-OoD's anti-adversarial step)."""
+    trained = {id(p) for group in groups for p in group}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+    return groups
+
+
 def listed_keys(keys):
     keys = sorted(keys)
     more = f" ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc.torchutils import make_poly_optimizer, precision_context, require_finite
+from misc.torchutils import make_poly_optimizer, precision_context, require_finite, train_only
 from misc import dist, provenance
 from misc.utils import InputError, save_npz
 from net.resnet50_cam import CAM, PARAM_GROUP_LR_MULT, Net, load_classifier
@@ -216,8 +216,9 @@ def run(args):
     ood_batches = endless(lambda: checked_batches(ood_dataset, batch_size=args.ood_batch_size, **loader_kwargs))
     val_loader = DataLoader(val_dataset, batch_size=args.wood_batch_size, shuffle=False,
                             num_workers=args.num_workers, pin_memory=pin)
-    optimizer = make_poly_optimizer(zip(model.wood_param_groups(), PARAM_GROUP_LR_MULT), args.wood_learning_rate,
-                                    args.wood_weight_decay, max_step, args.real_momentum)
+    # stage1 and stage2 stay as they are: no gradient for them (the release computes and discards it)
+    optimizer = make_poly_optimizer(zip(train_only(model, model.wood_param_groups()), PARAM_GROUP_LR_MULT),
+                                    args.wood_learning_rate, args.wood_weight_decay, max_step, args.real_momentum)
     print(f"train_wood: {len(train_dataset)} ID images, {len(ood_paths)} OoD images, {steps_per_epoch} steps x "
           f"{args.wood_num_epoches} epochs, batch {args.wood_batch_size} + {args.ood_batch_size} OoD, "
           f"checkpoint selection by GT: {args.select_by_gt}, device {device}, {dist.world()} process(es)")

@@ -11,7 +11,7 @@ from PIL import Image
 
 import run_sample
 from fakevoc import make_fake_voc
-from misc.torchutils import TrainingDiverged
+from misc.torchutils import TrainingDiverged, train_only
 from misc.utils import InputError, load_torch, save_torch
 from net.resnet50_cam import Net
 from step import train_wood
@@ -226,6 +226,37 @@ def wood_setup(tmp_path):
         "--select_scales", "1.0", "0.5", "--select_eval_thres", "0.1", "0.3", "--select_every", "1",
         "--wood_weights_name", str(tmp_path / "wood.pth")])
     return args
+
+
+def test_train_only_leaves_the_trained_gradients_unchanged():
+    """train_wood lets only stage3, stage4 and the classifier require gradients: their gradients are the
+    full backward pass's (bit for bit), stage1 and stage2 get none, and the images still get theirs."""
+    grads = {}
+    for frozen in (False, True):
+        torch.manual_seed(0)
+        model = Net(width=8, frozen_bn=True, detach_stage2=False)
+        groups = train_only(model, model.wood_param_groups()) if frozen else model.wood_param_groups()
+        torch.manual_seed(1)
+        img, ood = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+        label = torch.zeros(2, 20)
+        label[0, 1] = label[1, 5] = 1
+        args = argparse.Namespace(ood_dist_topk=0.2, ood_adv_step=0.07, ood_mask_class=4, distance_lambda=0.007,
+                                  ood_coeff=8.0)
+        loss, _ = wood_loss(model, img, label, ood, torch.randn(24, 256), args)
+        loss.backward()
+        named = dict(model.named_parameters())
+        grads[frozen] = {n: p.grad for n, p in named.items()}
+        if frozen:
+            trained = {id(p) for group in groups for p in group}
+            assert all(p.requires_grad == (id(p) in trained) for p in model.parameters())
+        x = img.clone().requires_grad_(True)
+        grads[frozen]["image"] = torch.autograd.grad(model(x).sum(), x)[0]
+    trained_names = [n for n in grads[False] if n.startswith(("stage3.", "stage4.", "classifier.")) or n == "image"]
+    assert len(trained_names) > 3
+    for n in trained_names:
+        assert torch.equal(grads[True][n], grads[False][n]), n
+    assert grads[False]["stage2.0.0.conv1.weight"] is not None          # the released code computes them
+    assert all(g is None for n, g in grads[True].items() if n.startswith(("stage1.", "stage2.")))
 
 
 @pytest.mark.filterwarnings("ignore:no image of class")  # fake VOC has 3 of the 20 classes
