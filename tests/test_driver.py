@@ -2,9 +2,11 @@
 import argparse
 import json
 import os
+import random
 
 import numpy as np
 import pytest
+import torch
 
 import run_sample
 from misc.utils import str2bool
@@ -105,8 +107,6 @@ def test_run_writes_config_and_log(tmp_path, monkeypatch):
 
 def test_each_step_starts_from_the_seed_whatever_ran_before_it(tmp_path, monkeypatch):
     """train_wood after mine_ood in one call draws what it draws alone (a resume skips mine_ood)."""
-    import random
-    import torch
     draws = {}
 
     class DrawingStep:
