@@ -37,7 +37,7 @@ STEPS = [
     ("eval_seg", "step.eval_seg"),                   # its val / test predictions, with and without CRF
 ]
 # Under torchrun (misc/dist.py) these run on rank 0 alone while the others wait: they read files and score
-# them (seconds), and draw no random numbers, so the ranks' generators stay alike.
+# them (seconds). Every step starts from --seed (_run_steps), so the ranks' generators stay alike after them.
 RANK0_STEPS = {"eval_cam", "eval_advcam", "eval_sem_seg"}
 
 CAM_EVAL_THRES_PAPER = [0.08, 0.09, 0.10, 0.11, 0.12, 0.13, 0.14]
