@@ -25,27 +25,26 @@ EXTRA=("$@")
 # several processes through torchrun (README "Several GPUs / several nodes"); one: plain python
 if [ "$NPROC" -gt 1 ]; then RUN=($PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC"); else RUN=($PY); fi
 
-# the value of a flag after the preset and the extra flags are applied (one source of truth: the driver)
-flag() { $PY -c "import run_sample, sys; print(getattr(run_sample.parse_args(sys.argv[1:]), '$1'))" \
-             --preset "$PRESET" "${EXTRA[@]}"; }
-WORK_DIR=$(flag work_dir)
-VOC12_ROOT=$(flag voc12_root)
+# the flags this script needs, after the preset and the extra flags are applied (one source of truth: the
+# driver), as shell variables of their names in capitals (WORK_DIR=...): one Python start-up for all
+FLAGS=$($PY -c "import run_sample, shlex, sys; a = run_sample.parse_args(sys.argv[1:])
+for name in sys.argv[1].split(): print(f'{name.upper()}={shlex.quote(str(getattr(a, name)))}')" \
+  "work_dir voc12_root seed pretrained backbone_width ood_pool_root ood_root ood_list ood_pool_list \
+   cam_weights_name seg_init_weights" --preset "$PRESET" "${EXTRA[@]}")
+eval "$FLAGS"
 
 if [ "$PRESET" = toy ]; then
   if [ ! -f "$VOC12_ROOT/ImageSets/Segmentation/train.txt" ]; then
     echo "== generating ToyVOC into $VOC12_ROOT"
-    $PY -m toy.toyvoc --out "$VOC12_ROOT" --ood_out "$(flag ood_pool_root)" --seed "$(flag seed)"
+    $PY -m toy.toyvoc --out "$VOC12_ROOT" --ood_out "$OOD_POOL_ROOT" --seed "$SEED"
   fi
-  # the toy's stand-in for ImageNet weights: a backbone pre-trained on unrelated generated scenes
-  PRETRAINED=$(flag pretrained)
-  if [ "$PRETRAINED" != none ] && [ ! -f "$PRETRAINED" ]; then
-    echo "== pre-training the ToyNet backbone into $PRETRAINED"
-    $PY -m toy.toynet --out "$PRETRAINED" --width "$(flag backbone_width)" --threads "$(flag cpu_threads)"
+  # the toy's stand-in for ImageNet weights, a backbone pre-trained on unrelated generated scenes: the
+  # preset's file ships with the project, and toy.toynet checks its record (or pre-trains a missing one)
+  if [ "$PRETRAINED" != none ]; then
+    $PY -m toy.toynet --out "$PRETRAINED" --width "$BACKBONE_WIDTH"
   fi
 else
   # the W-OoD README's steps, each checked where the paper preset looks for it
-  PRETRAINED=$(flag pretrained); CAM_WEIGHTS=$(flag cam_weights_name)
-  OOD_ROOT=$(flag ood_root); OOD_LIST=$(flag ood_list); OOD_POOL_LIST=$(flag ood_pool_list)
   missing=()
   absent=()
   for d in JPEGImages Annotations SegmentationClass ImageSets/Segmentation; do
@@ -58,17 +57,16 @@ else
   elif [ -f "$OOD_LIST" ] && [ ! -d "$OOD_ROOT" ]; then
     missing+=("README step 2 (OoD images): $OOD_LIST is there but its images are not: no folder $OOD_ROOT")
   fi
-  SEG_INIT=$(flag seg_init_weights)
-  [ "$SEG_INIT" = none ] || [ -f "$SEG_INIT" ] || missing+=("README step 4 (DeepLab-v2's ImageNet init): no $SEG_INIT; put deeplab-pytorch's ResNet-101 init (converted from DeepLab's caffe model) or torchvision's resnet101-63fe2227.pth there (--seg_init_weights)")
+  [ "$SEG_INIT_WEIGHTS" = none ] || [ -f "$SEG_INIT_WEIGHTS" ] || missing+=("README step 4 (DeepLab-v2's ImageNet init): no $SEG_INIT_WEIGHTS; put deeplab-pytorch's ResNet-101 init (converted from DeepLab's caffe model) or torchvision's resnet101-63fe2227.pth there (--seg_init_weights)")
   if [ ${#missing[@]} -gt 0 ]; then
     echo "The paper's run cannot start (README \"Reproduce the paper on VOC\"):"
     for m in "${missing[@]}"; do echo "  - $m"; done
     exit 1
   fi
-  if [ -f "$CAM_WEIGHTS" ]; then
-    echo "== README step 3: the ID classifier $CAM_WEIGHTS is there; train_cam keeps it"
+  if [ -f "$CAM_WEIGHTS_NAME" ]; then
+    echo "== README step 3: the ID classifier $CAM_WEIGHTS_NAME is there; train_cam keeps it"
   else
-    echo "== README step 3: no released ID classifier at $CAM_WEIGHTS; train_cam trains one from $PRETRAINED" \
+    echo "== README step 3: no released ID classifier at $CAM_WEIGHTS_NAME; train_cam trains one from $PRETRAINED" \
          "(torchvision's ImageNet file, downloaded when online)"
   fi
 fi
@@ -80,7 +78,7 @@ stage() { echo "== stage: $1"; shift; "${RUN[@]}" run_sample.py --preset "$PRESE
 
 # mine hard OoD from a candidate pool unless a ready list (e.g. the paper's release) is given
 MINE=true
-if [ "$PRESET" = paper ] && [ -f "$(flag ood_list)" ]; then MINE=false; fi
+if [ "$PRESET" = paper ] && [ -f "$OOD_LIST" ]; then MINE=false; fi
 
 stage "baseline: ID classifier and its CAMs" \
   --train_cam_pass true --make_cam_pass true --eval_cam_pass true \

@@ -60,7 +60,7 @@ PRESETS = {
     ),
     "toy": dict(
         voc12_root="Data/ToyVOC",
-        # the toy world's "ImageNet" weights (toy/toynet.py; bash_run_sample.sh --toy makes them)
+        # the toy world's "ImageNet" weights (toy/toynet.py's defaults; the file ships with the project)
         pretrained=os.path.join("sess", "toy", "resnet50_toynet_w16.pth"), backbone_width=16,
         work_dir="result/toy",
         ood_pool_root="WOoD_dataset/toy", ood_pool_list="WOoD_dataset/toy/candidates.txt",

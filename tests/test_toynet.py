@@ -1,9 +1,19 @@
-"""ToyNet pre-training (toy/toynet.py): scenes with independent object and stuff, labels, the saved file."""
+"""ToyNet pre-training (toy/toynet.py): scenes with independent object and stuff, labels, the saved file
+and its record, and the shipped file of the default flags."""
+import json
+import os
+
 import numpy as np
+import pytest
 import torch
 
+import run_sample
+from misc import provenance
+from misc.utils import InputError
 from toy import toynet, toyvoc
 from net.resnet50 import resnet50
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_scenes_are_deterministic_and_labelled_with_object_and_stuff():
@@ -38,5 +48,30 @@ def test_pretraining_writes_torchvision_weights_that_load_at_their_width(tmp_pat
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert state["bn1.running_var"].ne(1).any()   # batch statistics were learnt, as ImageNet's are
+    record = json.load(open(out + provenance.FILE_MANIFEST_SUFFIX))
+    assert record["step"] == "toynet" and record["inputs"]["steps"] == 2 and record["inputs"]["width"] == 4
+    assert record["inputs"]["scenes"] == toynet.scene_digest(toynet.parse_args(argv))
+    assert 0 <= record["held_out_label_accuracy"] <= 1
     toynet.main(argv)
-    assert "exists; keeping it" in capsys.readouterr().out
+    assert "exists; keeping it (made by these inputs)" in capsys.readouterr().out
+    # other flags or other scenes: refused, named, the file left as it was
+    with pytest.raises(InputError, match=r"steps: 2 -> 3"):
+        toynet.main(argv + ["--steps", "3"])
+    with pytest.raises(InputError, match=r"scenes: sha256:\w+ -> sha256:\w+"):
+        toynet.main(argv + ["--long_min", "40"])
+    assert all(torch.equal(v, state[k]) for k, v in torch.load(out, weights_only=True).items())
+
+
+def test_the_shipped_toynet_file_is_the_one_the_default_flags_make():
+    """sess/toy/resnet50_toynet_w16.pth (the toy preset's --pretrained) ships with the project: its record must
+    match toy/toynet.py's defaults and painters, so a change to either fails here, not silently in a toy run
+    (make it again: python -m toy.toynet --overwrite, 12.5 minutes on 2 cores)."""
+    toy = run_sample.parse_args(["--preset", "toy"])
+    shipped = os.path.join(ROOT, toy.pretrained)
+    defaults = toynet.parse_args(["--out", shipped, "--width", str(toy.backbone_width)])
+    assert provenance.file_up_to_date(shipped, "toynet", toynet.provenance_inputs(defaults), defaults,
+                                      "--out") == "made by these inputs"
+    backbone = resnet50(shipped, width=toy.backbone_width)   # loads strictly at the preset's width
+    assert backbone.conv1.weight.shape[0] == toy.backbone_width
+    record = json.load(open(shipped + provenance.FILE_MANIFEST_SUFFIX))
+    assert record["held_out_label_accuracy"] > 0.9

@@ -3,9 +3,10 @@
     python toy/toy_effect.py [--seeds 0 1 2] [--bench_dir bench_out/toy_effect] [--data_args '...']
                                [-- extra run_sample flags]
 
-The backbone weights are the preset's ToyNet pre-training (toy/toynet.py), made once into
-<bench_dir>/toynet_w<width>.pth and shared by the seeds, as ImageNet weights are shared by real experiments
-(pass `-- --pretrained FILE` to use another file, or `-- --pretrained none` to train from scratch).
+The backbone weights are the preset's ToyNet pre-training (toy/toynet.py; the shipped file of the preset's
+--pretrained, or for another --backbone_width one made once into <bench_dir>/toynet_w<width>.pth), shared by
+the seeds as ImageNet weights are shared by real experiments (pass `-- --pretrained FILE` to use another
+file, or `-- --pretrained none` to train from scratch).
 For each seed: generate ToyVOC (toy.toyvoc, that seed) into <bench_dir>/seed<s>/, then run the CAM stage
 through run_sample.py with the toy preset and that seed: train_cam -> make_cam + eval_cam from the ID
 classifier (baseline) -> mine_ood -> train_wood -> make_cam + eval_cam from the W-OoD classifier. Prints per
@@ -26,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import run_sample  # noqa: E402
 from toy.cue_mass import measure  # noqa: E402
+from toy.toynet import parse_args as toynet_defaults  # noqa: E402
 
 
 class RunFailed(RuntimeError):
@@ -95,14 +97,16 @@ def main():
     p.add_argument("--data_args", default="", help="extra toy.toyvoc flags, e.g. '--class_colour_prob 0.5'")
     a = p.parse_args(argv)
     if "--pretrained" not in extra:
-        toy = run_sample.parse_args(["--preset", "toy"] + extra)   # width and threads as the runs use them
-        toynet = os.path.abspath(os.path.join(a.bench_dir, f"toynet_w{toy.backbone_width}.pth"))
-        if not os.path.isfile(toynet):
-            os.makedirs(a.bench_dir, exist_ok=True)
-            start = time.time()
-            sh([sys.executable, "-m", "toy.toynet", "--out", toynet, "--width", str(toy.backbone_width),
-                "--threads", str(toy.cpu_threads)], os.path.join(a.bench_dir, "toynet_log.txt"))
-            print(f"ToyNet pre-training: {time.time() - start:.0f} s -> {toynet}", flush=True)
+        toy = run_sample.parse_args(["--preset", "toy"] + extra)   # the width the runs use
+        if toy.backbone_width == toynet_defaults([]).width:
+            toynet = os.path.join(ROOT, toy.pretrained)
+        else:
+            toynet = os.path.abspath(os.path.join(a.bench_dir, f"toynet_w{toy.backbone_width}.pth"))
+        os.makedirs(a.bench_dir, exist_ok=True)
+        start = time.time()   # checks the file's record, or pre-trains a missing one
+        sh([sys.executable, "-m", "toy.toynet", "--out", toynet, "--width", str(toy.backbone_width)],
+           os.path.join(a.bench_dir, "toynet_log.txt"))
+        print(f"ToyNet weights: {toynet} ({time.time() - start:.0f} s)", flush=True)
         extra = ["--pretrained", toynet] + extra
     diffs, failed = [], []
     for seed in a.seeds:

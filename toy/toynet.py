@@ -15,10 +15,15 @@ nothing but the weights is written.
 
 Output: a torchvision-format state dict (`conv1.weight`, `bn1.*`, `layer1.*` .. `layer4.*`, `fc.*`) of
 a width-`--width` ResNet-50, loaded by `--pretrained <file> --backbone_width <width>` exactly like
-torchvision's ImageNet file. Then every step follows the paper's recipe: frozen BatchNorm with these
+torchvision's ImageNet file, and its record `<out>.provenance.json` (the flags and a digest of the first
+scenes; misc/provenance.py): a file made by other flags or other scenes is refused, not reused. The file
+of the default flags ships with the project (sess/toy/resnet50_toynet_w16.pth, 12.5 minutes of 1-thread
+pre-training on a 2-core CPU), as ImageNet weights are downloaded, not trained, by a real run;
+tests/test_toynet.py checks that its record matches this file's defaults and painters. Then every step follows the paper's recipe: frozen BatchNorm with these
 statistics, conv1/bn1 frozen, stage2 detached when training the ID classifier.
 """
 import argparse
+import hashlib
 import os
 import time
 
@@ -31,13 +36,15 @@ from tqdm import tqdm
 from misc import imutils
 from misc.torchutils import gap2d, make_poly_optimizer
 from toy.toyvoc import CUE_PAINTERS, TOP_CLASSES, TOY_CLASSES, draw_visible_scene, image_size
-from misc.utils import InputError, save_torch
+from misc import provenance
+from misc.utils import InputError
 from net.resnet50 import ResNet50
 
 STREAM_TOYNET = 4                                     # generator salt, apart from toy.toyvoc's streams
 STUFF_KINDS = tuple(CUE_PAINTERS) + ("generic",)       # 6 cues + generic stuff
 LABELS = tuple(TOY_CLASSES) + STUFF_KINDS              # 9 object classes, then 7 stuff kinds
 NO_OBJECT_PROB = 0.15                                  # share of stuff-only scenes
+N_SCENES_RECORDED = 16                                 # scenes whose digest the weights' record keeps
 
 
 def draw_toynet_image(seed, index, long_min, long_max):
@@ -104,6 +111,25 @@ def generate(args):
     return images, np.stack(labels)
 
 
+def scene_digest(args, n=N_SCENES_RECORDED):
+    """Content hash of the first `n` training scenes and labels: tells whether the painters changed."""
+    sha = hashlib.sha256()
+    for index in range(n):
+        rgb, label = draw_toynet_image(args.seed, index, args.long_min, args.long_max)
+        sha.update(np.ascontiguousarray(rgb).tobytes())
+        sha.update(label.tobytes())
+    return "sha256:" + sha.hexdigest()[:provenance.DIGEST_CHARS]
+
+
+def provenance_inputs(args):
+    """What decides the weights (misc/provenance.py): the flags (--threads too: it changes the float
+    rounding) and the scenes."""
+    return {**provenance.flag_values(args, ["seed", "width", "n_images", "long_min", "long_max", "resize_long",
+                                            "crop_size", "steps", "batch_size", "lr", "momentum",
+                                            "weight_decay", "num_workers", "threads"]),
+            "scenes": scene_digest(args)}
+
+
 def train(args, images, labels):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -161,14 +187,16 @@ def parse_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight_decay", type=float, default=1e-4)
     p.add_argument("--num_workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--overwrite", action="store_true", help="pre-train again over a file made by other flags")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if os.path.isfile(args.out):
-        print(f"toynet: {args.out} exists; keeping it (delete it to pre-train again)")
+    kept = provenance.file_up_to_date(args.out, "toynet", lambda: provenance_inputs(args), args, "--out")
+    if kept:
+        print(f"toynet: {args.out} exists; keeping it ({kept})")
         return
     if args.n_images < args.batch_size:
         raise SystemExit(f"error: --n_images {args.n_images} is less than one batch ({args.batch_size})")
@@ -178,10 +206,14 @@ def main(argv=None):
     images, labels = generate(args)
     check = generate(argparse.Namespace(**{**vars(args), "n_images": args.n_check, "seed": args.seed + 10_000}))
     model, loss = train(args, images, labels)
+    held_out = accuracy(model, *check)
     print(f"toynet: {args.steps} steps, final loss {loss:.4f}, held-out label accuracy "
-          f"{100 * accuracy(model, *check):.1f} % ({args.n_check} images)")
-    save_torch(args.out, model.torchvision_state_dict())
-    print(f"toynet: saved {args.out} (width {args.width}) in {time.time() - start:.0f} s")
+          f"{100 * held_out:.1f} % ({args.n_check} images)")
+    seconds = round(time.time() - start)
+    provenance.save_weights(args.out, model.torchvision_state_dict(), "toynet", provenance_inputs(args),
+                            extra={"held_out_label_accuracy": round(held_out, 4), "n_check": args.n_check,
+                                   "seconds": seconds})
+    print(f"toynet: saved {args.out} (width {args.width}) in {seconds} s")
 
 
 if __name__ == "__main__":
