@@ -27,7 +27,7 @@ if [ "$NPROC" -gt 1 ]; then RUN=($PY -m torch.distributed.run --standalone --npr
 
 # the flags this script needs, after the preset and the extra flags are applied (one source of truth: the
 # driver), as shell variables of their names in capitals (WORK_DIR=...): one Python start-up for all
-FLAGS=$($PY -c "import run_sample, shlex, sys; a = run_sample.parse_args(sys.argv[1:])
+FLAGS=$($PY -c "import run_sample, shlex, sys; a = run_sample.parse_args(sys.argv[2:])
 for name in sys.argv[1].split(): print(f'{name.upper()}={shlex.quote(str(getattr(a, name)))}')" \
   "work_dir voc12_root seed pretrained backbone_width ood_pool_root ood_root ood_list ood_pool_list \
    cam_weights_name seg_init_weights" --preset "$PRESET" "${EXTRA[@]}")
