@@ -11,7 +11,7 @@ generated scenes drawn by toy.toyvoc's painters in which the object class (or no
 stuff of the top and bottom regions are drawn independently and uniformly: multi-label classification
 of the 9 toy object classes plus the 7 stuff kinds (6 cues, generic), ordinary BatchNorm, SGD with real
 momentum (an ordinary pre-training, not part of the SPEC's recipe). The images are made in memory;
-nothing but the weights is written.
+nothing but the weights and their record is written.
 
 Output: a torchvision-format state dict (`conv1.weight`, `bn1.*`, `layer1.*` .. `layer4.*`, `fc.*`) of
 a width-`--width` ResNet-50, loaded by `--pretrained <file> --backbone_width <width>` exactly like
@@ -19,8 +19,9 @@ torchvision's ImageNet file, and its record `<out>.provenance.json` (the flags a
 scenes; misc/provenance.py): a file made by other flags or other scenes is refused, not reused. The file
 of the default flags ships with the project (sess/toy/resnet50_toynet_w16.pth, 12.5 minutes of 1-thread
 pre-training on a 2-core CPU), as ImageNet weights are downloaded, not trained, by a real run;
-tests/test_toynet.py checks that its record matches this file's defaults and painters. Then every step follows the paper's recipe: frozen BatchNorm with these
-statistics, conv1/bn1 frozen, stage2 detached when training the ID classifier.
+tests/test_toynet.py checks that its record matches this file's defaults and painters. Then every step
+follows the paper's recipe: frozen BatchNorm with these statistics, conv1/bn1 frozen, stage2 detached when
+training the ID classifier.
 """
 import argparse
 import hashlib
