@@ -98,12 +98,13 @@ def main():
     a = p.parse_args(argv)
     if "--pretrained" not in extra:
         toy = run_sample.parse_args(["--preset", "toy"] + extra)   # the width the runs use
-        if toy.backbone_width == toynet_defaults([]).width:
+        if toy.backbone_width == toynet_defaults([]).width:   # the shipped file: toy.toynet's defaults
             toynet = os.path.join(ROOT, toy.pretrained)
         else:
             toynet = os.path.abspath(os.path.join(a.bench_dir, f"toynet_w{toy.backbone_width}.pth"))
         os.makedirs(a.bench_dir, exist_ok=True)
-        start = time.time()   # checks the file's record, or pre-trains a missing one
+        start = time.time()
+        # checks the file's record (refused if made by other inputs), or pre-trains a missing one
         sh([sys.executable, "-m", "toy.toynet", "--out", toynet, "--width", str(toy.backbone_width)],
            os.path.join(a.bench_dir, "toynet_log.txt"))
         print(f"ToyNet weights: {toynet} ({time.time() - start:.0f} s)", flush=True)
