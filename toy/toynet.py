@@ -19,7 +19,8 @@ torchvision's ImageNet file, and its record `<out>.provenance.json` (the flags a
 scenes; misc/provenance.py): a file made by other flags or other scenes is refused, not reused. The file
 of the default flags ships with the project (sess/toy/resnet50_toynet_w16.pth, 12.5 minutes of 1-thread
 pre-training on a 2-core CPU), as ImageNet weights are downloaded, not trained, by a real run;
-tests/test_toynet.py checks that its record matches this file's defaults and painters. Then every step
+tests/test_toynet.py checks that its record matches this file's defaults and painters (not `train()`'s
+code: after a change there, make the file again with --overwrite and commit it). Then every step
 follows the paper's recipe: frozen BatchNorm with these statistics, conv1/bn1 frozen, stage2 detached when
 training the ID classifier.
 """
