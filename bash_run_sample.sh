@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The W-OoD pipeline end to end (SPEC 6).
+# The W-OoD pipeline end to end (docs/method.md §6).
 #
 #   bash bash_run_sample.sh --toy            # ToyVOC on a CPU: generates the data if missing
 #   bash bash_run_sample.sh                  # the paper's configuration on real VOC 2012
@@ -27,8 +27,10 @@ if [ "$NPROC" -gt 1 ]; then RUN=($PY -m torch.distributed.run --standalone --npr
 
 # the flags this script needs, after the preset and the extra flags are applied (one source of truth: the
 # driver), as shell variables of their names in capitals (WORK_DIR=...): one Python start-up for all
+# and the driver's step names (STEP_NAMES)
 FLAGS=$($PY -c "import run_sample, shlex, sys; a = run_sample.parse_args(sys.argv[2:])
-for name in sys.argv[1].split(): print(f'{name.upper()}={shlex.quote(str(getattr(a, name)))}')" \
+for name in sys.argv[1].split(): print(f'{name.upper()}={shlex.quote(str(getattr(a, name)))}')
+print('STEP_NAMES=' + shlex.quote(' '.join(name for name, _ in run_sample.STEPS)))" \
   "work_dir voc12_root seed pretrained backbone_width ood_pool_root ood_root ood_list ood_pool_list \
    cam_weights_name seg_init_weights" --preset "$PRESET" "${EXTRA[@]}")
 eval "$FLAGS"
@@ -72,8 +74,7 @@ else
 fi
 
 OFF=()
-for s in train_cam mine_ood train_wood make_cam eval_cam make_advcam eval_advcam cam_to_ir_label \
-         train_irn make_sem_seg eval_sem_seg train_seg eval_seg; do OFF+=("--${s}_pass" false); done
+for s in $STEP_NAMES; do OFF+=("--${s}_pass" false); done  # every step off; each stage switches its own on
 stage() { echo "== stage: $1"; shift; "${RUN[@]}" run_sample.py --preset "$PRESET" "${OFF[@]}" "$@" "${EXTRA[@]}"; }
 
 # mine hard OoD from a candidate pool unless a ready list (e.g. the paper's release) is given
@@ -86,7 +87,7 @@ stage "baseline: ID classifier and its CAMs" \
 stage "W-OoD: mine hard OoD, fine-tune, CAMs" \
   --mine_ood_pass "$MINE" --train_wood_pass true --make_cam_pass true --eval_cam_pass true \
   --make_cam_from wood --cam_out_dir "$WORK_DIR/wood_cam" --infer_list train
-# SPEC 6 makes AdvCAM seeds and IR labels for train_aug and trains IRN there; the toy run uses `train`
+# docs/method.md §6 makes AdvCAM seeds and IR labels for train_aug and trains IRN there; the toy run uses `train`
 # (a third of ToyVOC's train_aug) to stay within 20 minutes on a 2-core CPU (README, Deviations).
 if [ "$PRESET" = toy ]; then SEED_LIST=train; else SEED_LIST=train_aug; fi
 stage "AdvCAM seeds and IR labels on $SEED_LIST" \
@@ -94,7 +95,7 @@ stage "AdvCAM seeds and IR labels on $SEED_LIST" \
 stage "IRN and pseudo masks" \
   --train_irn_pass true --make_sem_seg_pass true --eval_sem_seg_pass true \
   --train_list "$SEED_LIST" --infer_list train
-# pseudo masks for every image the segmentation network trains on (SPEC 6, 8: train_aug; the walk skips the
+# pseudo masks for every image the segmentation network trains on (docs/method.md §6, 8: train_aug; the walk skips the
 # train masks it has made). The toy trains on train's masks, its only seeds (README, Deviations).
 if [ "$SEED_LIST" != train ]; then
   stage "pseudo masks for $SEED_LIST" --make_sem_seg_pass true --infer_list "$SEED_LIST"

@@ -2,7 +2,7 @@
 
     python run_sample.py --preset toy --train_cam_pass true --make_cam_pass true --eval_cam_pass true
 
-`--preset paper` gives the paper's configuration (SPEC sections 3-6) on real VOC; `--preset toy` the
+`--preset paper` gives the paper's configuration (docs/method.md §3-6) on real VOC; `--preset toy` the
 same pipeline scaled to ToyVOC on a CPU (data sizes, batch sizes, epochs and iteration counts only:
 the method's constants stay). Any flag given on the command line wins over the preset.
 """
@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 
 import numpy as np
@@ -33,13 +34,42 @@ STEPS = [
     ("train_irn", "step.train_irn"),
     ("make_sem_seg", "step.make_sem_seg_labels"),    # random walk -> pseudo masks
     ("eval_sem_seg", "step.eval_sem_seg"),
-    ("train_seg", "step.train_seg"),                 # DeepLab-v2 on the pseudo masks (SPEC 8)
+    ("make_ins_seg", "step.make_ins_seg_labels"),    # IRN's instance masks (docs/method.md §9)
+    ("eval_ins_seg", "step.eval_ins_seg"),           # their VOC AP50
+    ("train_seg", "step.train_seg"),                 # DeepLab-v2 on the pseudo masks (docs/method.md §8)
     ("eval_seg", "step.eval_seg"),                   # its val / test predictions, with and without CRF
 ]
+# Flags of a step's argument group that do not change its outputs, and why. Every other flag of the group must
+# change the step's provenance inputs (tests/test_flags.py), so a new flag is never silently left out of them.
+OUTPUT_NEUTRAL = {
+    "train_cam": {"cam_weights_name": "the output file itself"},
+    "mine_ood": {"review_below": "only how many rejected candidates the review page shows"},
+    "train_wood": {"wood_weights_name": "the output file itself"},
+    "make_cam": {"cam_out_dir": "the output folder itself", "eval_cam_dir": "eval_cam's input",
+                 "cam_eval_thres": "eval_cam's sweep", "cpu_jit": "the same maps up to float rounding",
+                 "make_cam_batch": "the same maps (images of one size share a forward)"},
+    "make_advcam": {"advcam_out_dir": "the output folder itself",
+                    "advcam_batch": "the same maps (class-runs of images of one size share a batch)"},
+    "cam_to_ir_label": {"ir_label_out_dir": "the output folder itself"},
+    "train_irn": {"irn_weights_name": "the output file itself"},
+    "make_sem_seg": {"sem_seg_out_dir": "the output folder itself"},
+    "make_ins_seg": {"ins_seg_out_dir": "the output folder itself"},
+    "train_seg": {"seg_name": "names the output file", "seg_weights_name": "the output file itself",
+                  "seg_save_every": "how often a checkpoint is kept; a resumed run ends with the same weights",
+                  **{flag: "eval_seg's" for flag in ("seg_eval_list", "seg_test_list", "seg_crf", "seg_crf_real_image")}},
+    "eval_seg": {"seg_name": "names the output folders", "seg_eval_list": "which images, not what each becomes",
+                 "seg_test_list": "which images, not what each becomes",
+                 **{flag: "train_seg's: they reach the predictions through the weights file, recorded by its hash"
+                    for flag in ("seg_label_dir", "seg_train_list", "seg_init_weights", "seg_batch_size",
+                                 "seg_iter_size", "seg_iter_max", "seg_lr", "seg_momentum", "seg_weight_decay",
+                                 "seg_poly_power", "seg_lr_step", "seg_crop_size", "seg_scales", "seg_save_every")}},
+}
+
 # Under torchrun (misc/dist.py) these run on rank 0 alone while the others wait: they read files and score
 # them (seconds). Every step starts from --seed (_run_steps), so the ranks' generators stay alike after them.
-RANK0_STEPS = {"eval_cam", "eval_advcam", "eval_sem_seg"}
+RANK0_STEPS = {"eval_cam", "eval_advcam", "eval_sem_seg", "eval_ins_seg"}
 
+N_VOC_CLASSES = 20
 CAM_EVAL_THRES_PAPER = [0.08, 0.09, 0.10, 0.11, 0.12, 0.13, 0.14]
 
 # Values that differ between the presets. Everything else has one default in build_parser().
@@ -90,16 +120,48 @@ PRESETS = {
 }
 
 
+# ------------------------------------------------------------------------------------------- flag types
+# Each flag's range lives in its type: argparse checks it where the flag is declared, before any work.
+
+def _number(kind, ok, expected):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: must be {expected}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text}: must be {expected}")
+        return value
+    parse.__name__ = expected  # what argparse names in its own messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+natural = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+non_negative = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+class_index = _number(int, lambda v: 0 <= v < N_VOC_CLASSES, f"a class index in 0-{N_VOC_CLASSES - 1}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the driver's one line (InputError: `error: --flag value: must be ...`)."""
+
+    def error(self, message):
+        flag = re.match(r"argument (--\w+)(?:/\S+)?: (.*)$", message)
+        raise InputError(f"{flag.group(1)} {flag.group(2)}" if flag else message)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     B = str2bool
     g = p.add_argument_group("general")
     g.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--num_workers", type=int, default=8, help="data-loader workers / process-pool size")
+    g.add_argument("--num_workers", type=natural, default=8, help="data-loader workers / process-pool size")
     g.add_argument("--work_dir", default=None, help="config, log, summary.json and step outputs go here")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cpu_threads", type=int, default=0,
+    g.add_argument("--cpu_threads", type=natural, default=0,
                    help="torch intra-op threads per process on CPU (0: torch's default). With data-loader "
                         "workers or other jobs on a small CPU, 1 avoids oversubscription (10x measured)")
     g.add_argument("--allow_tf32", type=B, default=False,
@@ -125,63 +187,68 @@ def build_parser():
     g.add_argument("--pretrained", default=None,
                    help="torchvision-format ResNet-50 weights (path or URL: ImageNet, or ToyVOC's ToyNet file of "
                         "toy/toynet.py), or 'none' (train the ID classifier from scratch)")
-    g.add_argument("--backbone_width", type=int, default=64, help="64 = the real ResNet-50")
-    g.add_argument("--real_momentum", type=float, default=None,
+    g.add_argument("--backbone", choices=["resnet50", "resnet101"], default="resnet50",
+                   help="the classifiers' and IRN's backbone (net/resnet.py BACKBONES); resnet50 is the paper's, "
+                        "resnet101 needs its own --pretrained file (sess/resnet101-63fe2227.pth, downloaded)")
+    g.add_argument("--backbone_width", type=positive_int, default=64, help="64 = the real ResNet-50")
+    g.add_argument("--real_momentum", type=non_negative, default=None,
                    help="use this SGD momentum instead of the original's 1e-4 quirk (Deviations)")
 
-    g = p.add_argument_group("train_cam: the ID classifier (SPEC 4.1)")
-    g.add_argument("--cam_batch_size", type=int, default=16)
-    g.add_argument("--cam_num_epoches", type=int, default=5)
-    g.add_argument("--cam_learning_rate", type=float, default=0.1)
-    g.add_argument("--cam_weight_decay", type=float, default=1e-4)
-    g.add_argument("--cam_crop_size", type=int, default=512)
-    g.add_argument("--cam_resize_long", type=int, nargs=2, default=[320, 640])
+    g = p.add_argument_group("train_cam: the ID classifier (docs/method.md §4.1)")
+    g.add_argument("--cam_batch_size", type=positive_int, default=16)
+    g.add_argument("--cam_num_epoches", type=positive_int, default=5)
+    g.add_argument("--cam_learning_rate", type=positive, default=0.1)
+    g.add_argument("--cam_weight_decay", type=non_negative, default=1e-4)
+    g.add_argument("--cam_crop_size", type=positive_int, default=512)
+    g.add_argument("--cam_resize_long", type=positive, nargs=2, default=[320, 640])
     g.add_argument("--cam_weights_name", default=None, help="ID classifier weights (written by train_cam)")
 
-    g = p.add_argument_group("make_cam / eval_cam (SPEC 4.4, 4.5)")
-    g.add_argument("--cam_scales", type=float, nargs="+", default=[1.0, 0.5, 1.5, 2.0])
+    g = p.add_argument_group("make_cam / eval_cam (docs/method.md §4.4, 4.5)")
+    g.add_argument("--cam_scales", type=positive, nargs="+", default=[1.0, 0.5, 1.5, 2.0])
     g.add_argument("--make_cam_from", choices=["id", "wood"], default="wood",
                    help="which classifier make_cam uses: the ID classifier or the W-OoD one")
     g.add_argument("--cam_out_dir", default=None, help="default <work_dir>/<make_cam_from>_cam (wood_cam, id_cam)")
     g.add_argument("--eval_cam_dir", default=None, help="what eval_cam scores (default --cam_out_dir)")
-    g.add_argument("--cam_eval_thres", type=float, nargs="+", default=CAM_EVAL_THRES_PAPER)
+    g.add_argument("--cam_eval_thres", type=fraction, nargs="+", default=CAM_EVAL_THRES_PAPER)
     g.add_argument("--cpu_jit", type=B, default=True,
                    help="on CPU, run make_cam's net as a frozen TorchScript graph (BN folded, fused ReLU): "
                         "the same CAMs up to float rounding, faster (bench/make_cam.py); not with --amp bf16")
-    g.add_argument("--make_cam_batch", type=int, default=1,
+    g.add_argument("--make_cam_batch", type=positive_int, default=1,
                    help="images of one size that share make_cam's forward per scale (on a GPU; same CAMs)")
 
-    g = p.add_argument_group("mine_ood (SPEC 4.2)")
+    g = p.add_argument_group("mine_ood (docs/method.md §4.2)")
     g.add_argument("--ood_pool_root", default=None, help="folder of candidate OoD images")
     g.add_argument("--ood_pool_list", default=None, help="candidate paths relative to --ood_pool_root")
-    g.add_argument("--mine_th", type=float, default=0.5, help="keep candidates with max sigmoid > this")
-    g.add_argument("--mine_max_keep", type=int, default=None, help="cap on the number kept")
+    g.add_argument("--mine_th", type=fraction, default=0.5, help="keep candidates with max sigmoid > this")
+    g.add_argument("--mine_max_keep", type=positive_int, default=None, help="cap on the number kept")
     g.add_argument("--mine_exclude", default=None, help="file of candidate paths rejected by a human")
+    g.add_argument("--review_below", type=natural, default=50,
+                   help="candidates below --mine_th shown greyed on the review page <work_dir>/ood_review.html")
 
-    g = p.add_argument_group("train_wood (SPEC 4.3)")
+    g = p.add_argument_group("train_wood (docs/method.md §4.3)")
     g.add_argument("--ood_root", default=None)
     g.add_argument("--wood_weights_name", default=None, help="W-OoD classifier weights (written by train_wood)")
     g.add_argument("--ood_list", default=None, help="hard OoD paths relative to --ood_root "
                                                      "(default <work_dir>/ood_list.txt, written by mine_ood)")
-    g.add_argument("--ood_long_side", type=int, default=500, help="OoD resize for prototypes and mining")
-    g.add_argument("--wood_batch_size", type=int, default=16)
-    g.add_argument("--ood_batch_size", type=int, default=16)
-    g.add_argument("--wood_num_epoches", type=int, default=5)
-    g.add_argument("--wood_learning_rate", type=float, default=0.1)
-    g.add_argument("--wood_weight_decay", type=float, default=1e-4)
-    g.add_argument("--cluster_K", type=int, default=50)
-    g.add_argument("--kmeans_iter", type=int, default=10)
-    g.add_argument("--distance_lambda", type=float, default=0.007)
-    g.add_argument("--ood_dist_topk", type=float, default=0.2, help="tau of the OoD distance selection")
-    g.add_argument("--ood_coeff", type=float, default=0.25)
-    g.add_argument("--ood_adv_step", type=float, default=0.07, help="anti-adversarial step on OoD images")
-    g.add_argument("--ood_mask_class", type=int, default=4, help="OoD images whose arg-max is this are "
+    g.add_argument("--ood_long_side", type=positive_int, default=500, help="OoD resize for prototypes and mining")
+    g.add_argument("--wood_batch_size", type=positive_int, default=16)
+    g.add_argument("--ood_batch_size", type=positive_int, default=16)
+    g.add_argument("--wood_num_epoches", type=positive_int, default=5)
+    g.add_argument("--wood_learning_rate", type=positive, default=0.1)
+    g.add_argument("--wood_weight_decay", type=non_negative, default=1e-4)
+    g.add_argument("--cluster_K", type=positive_int, default=50)
+    g.add_argument("--kmeans_iter", type=positive_int, default=10)
+    g.add_argument("--distance_lambda", type=non_negative, default=0.007)
+    g.add_argument("--ood_dist_topk", type=fraction, default=0.2, help="tau of the OoD distance selection")
+    g.add_argument("--ood_coeff", type=non_negative, default=0.25)
+    g.add_argument("--ood_adv_step", type=non_negative, default=0.07, help="anti-adversarial step on OoD images")
+    g.add_argument("--ood_mask_class", type=class_index, default=4, help="OoD images whose arg-max is this are "
                                                                   "masked out (4 = bottle, as released)")
     g.add_argument("--select_by_gt", type=B, default=True,
                    help="released code: keep the weights with the best train-set CAM mIoU (uses GT)")
-    g.add_argument("--select_scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
-    g.add_argument("--select_eval_thres", type=float, nargs="+", default=[0.06, 0.08, 0.10, 0.12])
-    g.add_argument("--select_every", type=int, default=10)
+    g.add_argument("--select_scales", type=positive, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
+    g.add_argument("--select_eval_thres", type=fraction, nargs="+", default=[0.06, 0.08, 0.10, 0.12])
+    g.add_argument("--select_every", type=positive_int, default=10)
     g.add_argument("--select_accumulate", type=B, default=True,
                    help="released code: the selection's confusion matrix accumulates over the thresholds "
                         "(score at t = predictions of every threshold up to t); false: one per threshold")
@@ -191,43 +258,55 @@ def build_parser():
     g.add_argument("--wood_empty_cluster", choices=["keep"], default="keep",
                    help="an empty K-means cluster keeps its centroid (the original divides by zero)")
 
-    g = p.add_argument_group("make_advcam (SPEC 4.6)")
+    g = p.add_argument_group("make_advcam (docs/method.md §4.6)")
     g.add_argument("--make_advcam_from", choices=["id", "wood"], default="wood")
-    g.add_argument("--adv_iter", type=int, default=27)
-    g.add_argument("--AD_coeff", type=float, default=7.0)
-    g.add_argument("--AD_stepsize", type=float, default=0.08)
-    g.add_argument("--score_th", type=float, default=0.5, help="mask threshold of the AD regulariser")
-    g.add_argument("--advcam_batch", type=int, default=1,
+    g.add_argument("--adv_iter", type=positive_int, default=27)
+    g.add_argument("--AD_coeff", type=non_negative, default=7.0)
+    g.add_argument("--AD_stepsize", type=positive, default=0.08)
+    g.add_argument("--score_th", type=fraction, default=0.5, help="mask threshold of the AD regulariser")
+    g.add_argument("--advcam_batch", type=positive_int, default=1,
                    help="images of one size whose class-runs share a batch (on a GPU; same numbers, more memory)")
     g.add_argument("--advcam_out_dir", default=None,
                    help="default <work_dir>/<make_advcam_from>_advcam (wood_advcam, id_advcam)")
 
-    g = p.add_argument_group("cam_to_ir_label (SPEC 5.1)")
+    g = p.add_argument_group("cam_to_ir_label (docs/method.md §5.1)")
     g.add_argument("--ir_label_cam_dir", default=None, help="seeds for IR labels (default --advcam_out_dir)")
-    g.add_argument("--conf_fg_thres", type=float, default=0.30)
-    g.add_argument("--conf_bg_thres", type=float, default=0.15)
+    g.add_argument("--conf_fg_thres", type=fraction, default=0.30)
+    g.add_argument("--conf_bg_thres", type=fraction, default=0.15)
     g.add_argument("--ir_label_out_dir", default=None, help="default <work_dir>/ir_label")
 
-    g = p.add_argument_group("train_irn (SPEC 5.2)")
-    g.add_argument("--irn_crop_size", type=int, default=512)
-    g.add_argument("--irn_batch_size", type=int, default=32)
-    g.add_argument("--irn_num_epoches", type=int, default=3)
-    g.add_argument("--irn_learning_rate", type=float, default=0.1)
-    g.add_argument("--irn_weight_decay", type=float, default=1e-4)
-    g.add_argument("--irn_radius", type=int, default=10, help="search radius on the label grid")
+    g = p.add_argument_group("train_irn (docs/method.md §5.2)")
+    g.add_argument("--irn_crop_size", type=positive_int, default=512)
+    g.add_argument("--irn_batch_size", type=positive_int, default=32)
+    g.add_argument("--irn_num_epoches", type=positive_int, default=3)
+    g.add_argument("--irn_learning_rate", type=positive, default=0.1)
+    g.add_argument("--irn_weight_decay", type=non_negative, default=1e-4)
+    g.add_argument("--irn_radius", type=positive_int, default=10, help="search radius on the label grid")
     g.add_argument("--irn_weights_name", default=None, help="IRN weights (written by train_irn)")
 
-    g = p.add_argument_group("make_sem_seg / eval_sem_seg (SPEC 5.3, 5.4)")
+    g = p.add_argument_group("make_sem_seg / eval_sem_seg (docs/method.md §5.3, 5.4)")
     g.add_argument("--sem_seg_cam_dir", default=None, help="seeds of the random walk "
                                                             "(default --ir_label_cam_dir)")
-    g.add_argument("--beta", type=int, default=10)
-    g.add_argument("--exp_times", type=int, default=8)
-    g.add_argument("--rw_radius", type=int, default=5)
-    g.add_argument("--sem_seg_bg_thres", type=float, default=0.22)
-    g.add_argument("--np_power", type=float, default=1.5)
+    g.add_argument("--beta", type=positive_int, default=10)
+    g.add_argument("--exp_times", type=positive_int, default=8)
+    g.add_argument("--rw_radius", type=positive_int, default=5)
+    g.add_argument("--sem_seg_bg_thres", type=fraction, default=0.22)
+    g.add_argument("--np_power", type=positive, default=1.5)
     g.add_argument("--sem_seg_out_dir", default=None, help="default <work_dir>/pseudo_mask")
 
-    g = p.add_argument_group("train_seg / eval_seg: DeepLab-v2 on the pseudo masks (SPEC 8)")
+    g = p.add_argument_group("make_ins_seg / eval_ins_seg: IRN's instance masks (docs/method.md §9)",
+                             "the CAMs of --sem_seg_cam_dir (no --np_power) and make_sem_seg's walk (--rw_radius, "
+                             "--beta, --exp_times)")
+    g.add_argument("--ins_seg_bg_thres", type=fraction, default=0.25)
+    g.add_argument("--ins_seg_centroid_iterations", type=positive_int, default=300,
+                   help="steps of every cell along the displacement field")
+    g.add_argument("--ins_seg_cluster_thres", type=positive, default=2.5,
+                   help="cells with a displacement shorter than this are instance centres")
+    g.add_argument("--ins_seg_fragment_fraction", type=fraction, default=0.01,
+                   help="a detection smaller than this fraction of the image scores 0")
+    g.add_argument("--ins_seg_out_dir", default=None, help="default <work_dir>/ins_seg")
+
+    g = p.add_argument_group("train_seg / eval_seg: DeepLab-v2 on the pseudo masks (docs/method.md §8)")
     g.add_argument("--seg_name", default="deeplab",
                    help="names this segmentation run: <work_dir>/<name>.pth, <name>_<split> folders, summary rows")
     g.add_argument("--seg_label_dir", default=None, help="training labels <id>.png (default --sem_seg_out_dir; "
@@ -235,19 +314,19 @@ def build_parser():
     g.add_argument("--seg_train_list", default="train_aug")
     g.add_argument("--seg_init_weights", default=None,
                    help="ImageNet init: deeplab-pytorch layout or torchvision ResNet file, or 'none'")
-    g.add_argument("--seg_width", type=int, default=64, help="64 = the real ResNet-101")
+    g.add_argument("--seg_width", type=positive_int, default=64, help="64 = the real ResNet-101")
     g.add_argument("--seg_weights_name", default=None, help="trained weights (default <work_dir>/<seg_name>.pth)")
-    g.add_argument("--seg_batch_size", type=int, default=5)
-    g.add_argument("--seg_iter_size", type=int, default=2, help="sub-batches accumulated per update")
-    g.add_argument("--seg_iter_max", type=int, default=20000, help="updates")
-    g.add_argument("--seg_lr", type=float, default=2.5e-4)
-    g.add_argument("--seg_momentum", type=float, default=0.9)
-    g.add_argument("--seg_weight_decay", type=float, default=5e-4)
-    g.add_argument("--seg_poly_power", type=float, default=0.9)
-    g.add_argument("--seg_lr_step", type=int, default=10, help="the poly lr is updated every this many updates")
-    g.add_argument("--seg_crop_size", type=int, default=321)
-    g.add_argument("--seg_scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5])
-    g.add_argument("--seg_save_every", type=int, default=1000, help="checkpoint every this many updates")
+    g.add_argument("--seg_batch_size", type=positive_int, default=5)
+    g.add_argument("--seg_iter_size", type=positive_int, default=2, help="sub-batches accumulated per update")
+    g.add_argument("--seg_iter_max", type=positive_int, default=20000, help="updates")
+    g.add_argument("--seg_lr", type=positive, default=2.5e-4)
+    g.add_argument("--seg_momentum", type=non_negative, default=0.9)
+    g.add_argument("--seg_weight_decay", type=non_negative, default=5e-4)
+    g.add_argument("--seg_poly_power", type=positive, default=0.9)
+    g.add_argument("--seg_lr_step", type=positive_int, default=10, help="the poly lr is updated every this many updates")
+    g.add_argument("--seg_crop_size", type=positive_int, default=321)
+    g.add_argument("--seg_scales", type=positive, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5])
+    g.add_argument("--seg_save_every", type=positive_int, default=1000, help="checkpoint every this many updates")
     g.add_argument("--seg_eval_list", default="val", help="scored with and without CRF")
     g.add_argument("--seg_test_list", default="test",
                    help="predicted in the VOC server layout when its list and images exist")
@@ -286,33 +365,10 @@ def resolve_defaults(args):
     args.sem_seg_cam_dir = args.sem_seg_cam_dir or args.ir_label_cam_dir
     args.ir_label_out_dir = args.ir_label_out_dir or os.path.join(w, "ir_label")
     args.sem_seg_out_dir = args.sem_seg_out_dir or os.path.join(w, "pseudo_mask")
+    args.ins_seg_out_dir = args.ins_seg_out_dir or os.path.join(w, "ins_seg")
     args.ood_list = args.ood_list or os.path.join(w, "ood_list.txt")
     args.seg_label_dir = args.seg_label_dir or args.sem_seg_out_dir
     args.seg_weights_name = args.seg_weights_name or os.path.join(w, args.seg_name + ".pth")
-
-
-# (flags, test, what the values must be): checked by validate_args before any work
-FLAG_RANGES = [
-    (["adv_iter", "cam_batch_size", "wood_batch_size", "ood_batch_size", "irn_batch_size", "cam_num_epoches",
-      "wood_num_epoches", "irn_num_epoches", "cam_crop_size", "irn_crop_size", "ood_long_side", "cluster_K",
-      "kmeans_iter", "select_every", "irn_radius", "rw_radius", "exp_times", "beta", "backbone_width",
-      "make_cam_batch", "advcam_batch", "seg_width", "seg_batch_size", "seg_iter_size", "seg_iter_max",
-      "seg_lr_step", "seg_crop_size", "seg_save_every"],
-     lambda v: v >= 1, "an integer >= 1"),
-    (["num_workers", "cpu_threads"], lambda v: v >= 0, "an integer >= 0"),
-    (["cam_scales", "select_scales", "cam_resize_long", "seg_scales"], lambda v: math.isfinite(v) and v > 0,
-     "a number > 0"),
-    (["cam_learning_rate", "wood_learning_rate", "irn_learning_rate", "AD_stepsize", "np_power", "seg_lr",
-      "seg_poly_power"],
-     lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-    (["cam_weight_decay", "wood_weight_decay", "irn_weight_decay", "distance_lambda", "ood_coeff", "ood_adv_step",
-      "AD_coeff", "real_momentum", "seg_momentum", "seg_weight_decay"], lambda v: math.isfinite(v) and v >= 0,
-     "a finite number >= 0"),
-    (["cam_eval_thres", "select_eval_thres", "conf_fg_thres", "conf_bg_thres", "sem_seg_bg_thres", "score_th",
-      "mine_th", "ood_dist_topk"], lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    (["ood_mask_class"], lambda v: 0 <= v < 20, "a class index in 0-19"),
-    (["mine_max_keep"], lambda v: v >= 1, "an integer >= 1 (or left out: no cap)"),
-]
 
 
 def check_device(name):
@@ -333,18 +389,8 @@ def check_device(name):
 
 
 def validate_args(args):
-    """One line (InputError) for the first flag whose value cannot be right, before any step runs."""
-    for names, ok, expected in FLAG_RANGES:
-        for name in names:
-            value = getattr(args, name, None)
-            if value is None:  # optional flags left out
-                continue
-            values = value if isinstance(value, list) else [value]
-            if not values:
-                raise InputError(f"--{name} is empty: give at least one value")
-            bad = [v for v in values if not ok(v)]
-            if bad:
-                raise InputError(f"--{name} {bad[0]}: must be {expected}")
+    """One line (InputError) for a combination of flags that cannot be right, before any step runs (each flag's
+    own range is checked by its type in build_parser)."""
     if args.conf_bg_thres > args.conf_fg_thres:
         raise InputError(f"--conf_bg_thres {args.conf_bg_thres} is above --conf_fg_thres {args.conf_fg_thres}: "
                          f"the background threshold must not exceed the foreground one")
@@ -421,7 +467,12 @@ def main(argv=None):
     if not main_rank:
         os.environ["TQDM_DISABLE"] = "1"   # one progress bar (rank 0's); tqdm reads it when imported
     from misc import dist  # torch.distributed; imported late: the parser works without torch
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except InputError as e:
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         args.device = dist.init(args.device)
     except InputError as e:  # this rank's own problem (its GPU): every rank says it
@@ -442,6 +493,12 @@ def main(argv=None):
         return _run_steps(args, dist)
     finally:
         dist.close()
+
+
+def run_step(name, args):
+    """Run the step `name` of STEPS on `args` (a driver namespace), as the driver does (benches time a step
+    this way: nothing but the driver imports a step)."""
+    return importlib.import_module(dict(STEPS)[name]).run(args)
 
 
 def _run_steps(args, dist):

@@ -1,15 +1,15 @@
-"""Throughput of make_advcam's batched AdvCAM against the literal loop of SPEC 4.6 (the authors' loop).
+"""Throughput of make_advcam's batched AdvCAM against the literal loop of docs/method.md §4.6 (the authors' loop).
 
     python bench/advcam_speed.py                                   # small and fast, for a 2-core CPU
     python bench/advcam_speed.py --voc_sized --device cuda --amp none bf16 --batch 1 4 8
     python bench/advcam_speed.py --voc_sized --scales 1.0 --n 2 --batch 1 2 --no_warmup   # on a CPU: ~20 min
     (--voc_sized: 375x500 images, full-width ResNet-50 (width 64), adv_iter 27, scales 1.0 0.5 1.5 2.0)
 
-The literal loop (`literal_image_advcam`, also the reference of tests/test_advcam.py) follows SPEC 4.6
+The literal loop (`literal_image_advcam`, also the reference of tests/test_advcam.py) follows docs/method.md §4.6
 to the letter: per image, per scale in the order 0.5, 1.0, 1.5, 2.0, per label class, a batch of the
 flip pair only, 27 (13 at 0.5) forward + backward passes, the clamp bounds read back to the host each
-iteration as the original does (`x.min().item()`), then SPEC 4.4's resize / sum / crop / normalise.
-make_advcam's path is `step.make_advcam.group_advcam` with --batch images of one size per batch (all
+iteration as the original does (`x.min().item()`), then docs/method.md §4.4's resize / sum / crop / normalise.
+make_advcam's path is `misc.advcam.group_advcam` with --batch images of one size per batch (all
 their label classes in one batch), optionally --amp bf16 and --channels_last.
 
 Both sides get the same random-init net (frozen BN with random running statistics) and the same MSF
@@ -38,17 +38,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import run_sample  # noqa: E402
-from fakevoc import driver_args, make_fake_voc  # noqa: E402
+from fakevoc import advcam_rule, driver_args, make_fake_voc  # noqa: E402
 from net.resnet50_cam import Net  # noqa: E402
-from step.eval_cam import sweep_thresholds  # noqa: E402
-from step.make_advcam import group_advcam  # noqa: E402
+from misc.advcam import group_advcam  # noqa: E402
+from misc.metrics import sweep_thresholds  # noqa: E402
 from voc12.dataloader import VOC12ClassificationDatasetMSF  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ the literal loop
 
 def literal_class_run(model, pair, c, n_iter, ad_coeff, step_size, score_th):
-    """SPEC 4.6 to the letter for one class and one MSF pair (2, 3, h, w): (accumulated region, init)."""
+    """docs/method.md §4.6 to the letter for one class and one MSF pair (2, 3, h, w): (accumulated region, init)."""
     x = pair.clone()
     acc, init = None, None
     n_classes = model.classifier.weight.shape[0]
@@ -80,7 +80,7 @@ def literal_class_run(model, pair, c, n_iter, ad_coeff, step_size, score_th):
 
 
 def literal_image_advcam(model, msf_imgs, size, keys, adv_iter, ad_coeff, step_size, score_th):
-    """One image: per scale in the original's order [1, 0, 2, 3] of the list, per class, then SPEC 4.4.
+    """One image: per scale in the original's order [1, 0, 2, 3] of the list, per class, then docs/method.md §4.4.
 
     Returns (cam (n, (H-1)//4+1, (W-1)//4+1), high_res (n, H, W)), normalised per class."""
     height, width = int(size[0]), int(size[1])
@@ -140,7 +140,8 @@ def run_ours(model, packs, args, batch):
     out = []
     for start in range(0, len(packs), batch):  # the fake images share one size: groups of `batch`
         group = packs[start:start + batch]
-        out += group_advcam(model, [(p["img"], p["size"], p["label"]) for p in group], args)
+        out += group_advcam(model, [(p["img"], p["size"], p["label"]) for p in group], *advcam_rule(args),
+                            amp=args.amp, channels_last=args.channels_last)
     return out
 
 

@@ -6,7 +6,7 @@
 #      and the ToyNet weights are made if missing, as bash_run_sample.sh --toy does);
 #   3. bench/make_cam.py --device cuda on ToyVOC's 120 train images (width 16) and on 40 VOC-sized
 #      375x500 images with the real ResNet-50 width (64), also with --make_cam_batch 8 (fp32, bf16);
-#   4. bench/advcam_speed.py --voc_sized --device cuda: the literal SPEC 4.6 loop against make_advcam
+#   4. bench/advcam_speed.py --voc_sized --device cuda: the literal docs/method.md §4.6 loop against make_advcam
 #      with 1, 4 and 8 images per batch, float32 and --amp bf16, channels_last (issue 18's figures);
 #   5. bench/scaling.py: make_cam / make_advcam on 1, 2, 4, 8 processes, as many as there are GPUs.
 # Logs and the run's report go to $OUT (default result/gpu_check). Extra arguments go to the toy run.

@@ -1,4 +1,4 @@
-"""Throughput of make_cam (step/make_cam.run) against a literal per-image, per-scale, per-copy loop.
+"""Throughput of make_cam (the make_cam step) against a literal per-image, per-scale, per-copy loop.
 
     python bench/make_cam.py [--n 32 --size 160 --width 16 --num_workers 1 2 --repeats 3 --device cpu]
     python bench/make_cam.py --voc12_root Data/VOC2012 --n 50 --width 64 --device cuda
@@ -11,7 +11,7 @@ by tests/fakevoc.py, or the first N ids of --infer_list under --voc12_root). Eve
 computes and writes one .npz per image into a fresh folder, so a run's wall time is the whole step:
 model loading (and, with --cpu_jit true, make_cam's tracing of its frozen graph), image decoding and
 rescaling, forwards, resizes, writes (and for the CPU process pool the start of its helper processes).
-The literal loop follows SPEC 4.4 / 2.2 / 1.2 to the letter: for each image, for each scale,
+The literal loop follows docs/method.md §4.4 / 2.2 / 1.2 to the letter: for each image, for each scale,
 rescale + normalise, forward x and flip(x) separately (batch 1),
 A = relu(conv2d(stage4, classifier.weight)), A_x + flip(A_flip), bilinear resize to the strided and
 strided-up sizes, sum over scales, crop, keep the label classes, divide each by its max + 1e-5.
@@ -48,8 +48,9 @@ import run_sample  # noqa: E402
 from fakevoc import make_fake_voc, random_bn_statistics  # noqa: E402
 from misc import imutils  # noqa: E402
 from misc.utils import load_npz, save_npz, save_torch  # noqa: E402
-from net.resnet50_cam import CAM, load_classifier  # noqa: E402
-from step import make_cam  # noqa: E402
+from net.classifier import load_classifier  # noqa: E402
+from net.resnet50_cam import CAM  # noqa: E402
+from misc import cam as cam_maths  # noqa: E402
 from voc12.dataloader import (VOC12ClassificationDatasetMSF, img_path, load_image_labels,  # noqa: E402
                               load_img_name_list)
 
@@ -57,9 +58,9 @@ from voc12.dataloader import (VOC12ClassificationDatasetMSF, img_path, load_imag
 # ------------------------------------------------------------------------------------ the literal loop
 
 def literal_make_cam(args):
-    """SPEC 4.4 to the letter, one image, one scale, one copy at a time; writes <cam_out_dir>/<id>.npz."""
+    """docs/method.md §4.4 to the letter, one image, one scale, one copy at a time; writes <cam_out_dir>/<id>.npz."""
     device = torch.device(args.device)
-    model = load_classifier(args, args.cam_weights_name, cls=CAM)
+    model = load_classifier(args.cam_weights_name, args.backbone, args.backbone_width, args.device, "cam")
     ids = load_img_name_list(args.voc12_root, args.infer_list)
     labels = load_image_labels(args.voc12_root, ids)
     os.makedirs(args.cam_out_dir, exist_ok=True)
@@ -134,7 +135,7 @@ def compare(dir_a, dir_b, ids):
 def breakdown(args, ids, n_max=8):
     """Mean per-image seconds of each part of make_cam's work on one image, in this process."""
     device = torch.device(args.device)
-    model = load_classifier(args, args.cam_weights_name, cls=CAM)
+    model = load_classifier(args.cam_weights_name, args.backbone, args.backbone_width, args.device, "cam")
     dataset = VOC12ClassificationDatasetMSF(ids[:n_max], args.voc12_root, scales=args.cam_scales)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     parts = {k: [] for k in ["read+rescale+normalise", "forward pairs (ours)", "forward copies one by one",
@@ -158,15 +159,15 @@ def breakdown(args, ids, n_max=8):
             outs = clock("forward pairs (ours)", lambda: [model(p) for p in pairs])
             clock("forward copies one by one", lambda: [F.relu(model.class_maps(p[k:k + 1]))
                                                         for p in pairs for k in range(2)])
-            size = make_cam._size(pack["size"])
+            size = int(pack["size"][0]), int(pack["size"][1])
             strided, high_res = clock("resize+sum all 20 classes (ours)",
-                                      lambda: make_cam.accumulate_scale_maps(outs, size))
+                                      lambda: cam_maths.accumulate_scale_maps(outs, size))
             keys = torch.nonzero(pack["label"])[:, 0].to(device)
             clock("resize+sum label classes only",
-                  lambda: make_cam.accumulate_scale_maps([o[keys] for o in outs], size))
+                  lambda: cam_maths.accumulate_scale_maps([o[keys] for o in outs], size))
 
             def finish():
-                k, c, h = make_cam.keep_label_classes(strided, high_res, pack["label"])
+                k, c, h = cam_maths.keep_label_classes(strided, high_res, pack["label"])
                 save_npz(os.path.join(tmp, pack["name"] + ".npz"), keys=k.numpy(), cam=c.cpu().numpy(),
                          high_res=h.cpu().numpy())
             clock("keep+normalise+save", finish)
@@ -229,7 +230,7 @@ def main():
             if num_workers is None:
                 literal_make_cam(args)
             else:
-                make_cam.run(args)
+                run_sample.run_step("make_cam", args)
             return time.perf_counter() - start, cpu_seconds() - cpu_start
 
         for name, n in variants:  # warm-up (imports, caches, allocator), not timed

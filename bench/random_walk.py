@@ -1,4 +1,4 @@
-"""Sparse random walk vs the original's dense formulation (SPEC 5.3) at VOC scale, on this machine.
+"""Sparse random walk vs the original's dense formulation (docs/method.md §5.3) at VOC scale, on this machine.
 
     python bench/random_walk.py [--height 125 --width 94 --classes 2 --radius 5 --beta 10 --exp_times 8]
                                 [--threads 2 --repeats 3 --dense_cache sess/bench_dense_walk.npz]
@@ -170,7 +170,7 @@ def main():
                 save_npz(args.dense_cache, result=dense, stats=json.dumps(dense_stats), cfg=dense_key)
 
     import torch
-    from step.make_sem_seg_labels import walk_to_label
+    from misc.indexing import walk_to_label
     size = (cfg["height"] * 4, cfg["width"] * 4)
     keys = np.arange(cfg["classes"])
     labels_sparse = walk_to_label(torch.from_numpy(sparse), keys, size, args.bg_thres)

@@ -1,4 +1,4 @@
-"""Training speed of DeepLab-v2 (SPEC 8): images/s of train_seg's update (MSC forward, summed loss, backward,
+"""Training speed of DeepLab-v2 (docs/method.md §8): images/s of train_seg's update (MSC forward, summed loss, backward,
 SGD step) on random crops, no data loading.
 
     python bench/train_seg.py                                   # crop 321, width 64 (ResNet-101), this device
@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from net.deeplab_v2 import RESNET101_BLOCKS, deeplab_v2  # noqa: E402
-from step.train_seg import msc_loss, param_groups  # noqa: E402
+from net.deeplab_v2 import msc_loss, param_groups  # noqa: E402
 
-RECIPE_IMAGES_PER_UPDATE = 10  # batch 5 x ITER_SIZE 2 (SPEC 8)
+RECIPE_IMAGES_PER_UPDATE = 10  # batch 5 x ITER_SIZE 2 (docs/method.md §8)
 
 
 def main():

@@ -33,3 +33,14 @@ def read_cam_file(path, maps, label=None, shape=None):
         raise InputError(f"{path}: {maps} holds non-finite values (NaN / inf): the classifier that made it "
                          f"diverged; retrain it and {_RERUN}")
     return keys.astype(np.int64), values.astype(np.float32, copy=False)
+
+
+def read_items(voc12_root, cam_dir, ids):
+    """(high_res, keys, gt) per id; InputError if a CAM does not match its ground truth's size."""
+    import os
+    from voc12.dataloader import load_gt, load_image_labels  # voc12 imports torch
+    labels = load_image_labels(voc12_root, ids)
+    for img_id, label in zip(ids, labels):
+        gt = load_gt(voc12_root, img_id)
+        keys, high_res = read_cam_file(os.path.join(cam_dir, img_id + ".npz"), "high_res", label, gt.shape)
+        yield high_res, keys, gt

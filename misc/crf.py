@@ -1,7 +1,7 @@
-"""Dense CRF refinement of hard label maps (SPEC 5.1), IRN's imutils.crf_inference_label.
+"""Dense CRF refinement of hard label maps (docs/method.md §5.1), IRN's imutils.crf_inference_label.
 
 Kraehenbuehl & Koltun's fully connected CRF through pydensecrf (package pydensecrf2). The constants
-are the SPEC's (the same in IRN and W-OoD); they are not tuned per run, hence not driver flags.
+are the method's (docs/method.md; the same in IRN and W-OoD); they are not tuned per run, hence not driver flags.
 """
 import numpy as np
 import pydensecrf.densecrf as dcrf

@@ -123,7 +123,7 @@ class GlobalProgress:
     exist, looked up at most once a second)."""
 
     def __init__(self, out_paths, desc):
-        self.paths, self.last = list(out_paths), 0.0
+        self.paths, self.last, self.desc = list(out_paths), 0.0, desc
         self.bar = tqdm(total=len(self.paths), desc=desc, unit="img") if is_main() else None
 
     def update(self, n_done_here):

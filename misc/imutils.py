@@ -1,4 +1,4 @@
-"""Image preprocessing of SPEC 1.2, as IRN's misc/imutils.py does it (same sizes, same crop boxes).
+"""Image preprocessing of docs/method.md §1.2, as IRN's misc/imutils.py does it (same sizes, same crop boxes).
 
 Conventions:
 - Images are HWC `uint8` until `normalize`, which returns HWC `float32`; label maps are 2-D `uint8`.
@@ -165,3 +165,21 @@ def top_left_crop(img, size, fill):
 
 def hwc_to_chw(img):
     return np.ascontiguousarray(np.transpose(img, (2, 0, 1)))
+
+
+def resize_bilinear(image, size):
+    """(H, W, C) float32 to `size` = (h, w), bilinear with half-pixel centres and no anti-aliasing: cv2's
+    INTER_LINEAR rule (torch computes it in float32; cv2 rounds its weights to 11 bits, a ~1e-3 difference)."""
+    import torch  # imported here: the other image ops need no torch
+    import torch.nn.functional as F
+    if tuple(size) == image.shape[:2]:
+        return image
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    out = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+def resize_label_nearest(label, size):
+    """(H, W) label map to `size` = (h, w) with PIL nearest."""
+    return np.asarray(Image.fromarray(np.asarray(label, dtype=np.uint8)).resize((size[1], size[0]),
+                                                                                Image.Resampling.NEAREST))

@@ -1,4 +1,4 @@
-"""Pixel-pair indexing of IRN (SPEC 5.2, 5.3), as IRN's misc/indexing.py.
+"""Pixel-pair indexing of IRN (docs/method.md §5.2, 5.3), as IRN's misc/indexing.py.
 
 Grid conventions: maps are (h, w), flattened row-major (index = y * w + x). A direction d = (dy, dx)
 joins a source pixel p to its destination p + d. Directions are D(r) = {(0, x): 1 <= x < r} U
@@ -205,7 +205,7 @@ _CSR_CHUNK_ROWS = 1024
 
 
 def sparse_transition(boundary, radius, beta):
-    """T of SPEC 5.3, transposed, as a sparse CSR tensor (hw, hw) with int32 indices.
+    """T of docs/method.md §5.3, transposed, as a sparse CSR tensor (hw, hw) with int32 indices.
 
     A = identity + the affinity of every in-map pair in both orders; T = A ** beta with each column
     divided by its sum. `R @ T` is computed as `(T^T @ R^T)^T`, hence T^T. W = A ** beta is symmetric,
@@ -317,3 +317,28 @@ def dense_random_walk(seeds, boundary, radius, beta, exp_times):
         trans = torch.matmul(trans, trans)
     x = seeds.reshape(-1, height, width) * (1 - boundary)
     return torch.matmul(x.reshape(-1, height * width), trans).reshape(-1, height, width)
+
+
+# ------------------------------------------------------------------------------------- walk -> label
+
+MAP_STRIDE = 4  # IRN's boundary and displacement maps are at 1/4 of the image
+
+
+def walk_to_label(walked, keys, image_size, bg_thres, stride=MAP_STRIDE):
+    """(H, W) uint8 class values from the walked seeds (n, h, w) of the classes `keys` (n,).
+
+    Up-sample x`stride` (bilinear, align_corners=False), crop to `image_size`, divide by the global
+    maximum, put a constant background map `bg_thres` in front, arg-max (ties to the first), map
+    index 0 -> 0 and i -> keys[i-1] + 1.
+    """
+    height, width = image_size
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    if keys.size == 0:  # no class to spread: all background
+        return np.zeros((height, width), np.uint8)
+    up = F.interpolate(walked[:, None], scale_factor=stride, mode="bilinear",
+                       align_corners=False)[:, 0, :height, :width]
+    up = up / torch.max(up)
+    up = F.pad(up, (0, 0, 0, 0, 1, 0), value=bg_thres)
+    index = torch.argmax(up, dim=0).cpu().numpy()
+    class_values = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    return class_values[index]

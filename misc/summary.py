@@ -14,13 +14,13 @@ from misc.metrics import cam_to_label
 from misc.report import read_summary
 from misc.utils import atomic_path, load_npz, palette_voc
 
-# SPEC 7: the paper's VOC 2012 `train` numbers (mIoU %) for the entries this pipeline produces.
+# docs/method.md §7: the paper's VOC 2012 `train` numbers (mIoU %) for the entries this pipeline produces.
 PAPER_VOC = {
     "baseline_cam": ("CAM seed of the ID classifier (IRN)", 48.3),
     "wood_cam": ("W-OoD CAM seed", 53.3),
     "wood_advcam": ("AdvCAM seed from the W-OoD classifier", 59.0),
     "pseudo_mask": ("pseudo mask after IRN (W-OoD)", 72.0),
-    # SPEC 7, 8: DeepLab-v2 on the pseudo masks, VOC val (test 69.9; AdvCAM's pipeline 68.1 / 68.0)
+    # docs/method.md §7, 8: DeepLab-v2 on the pseudo masks, VOC val (test 69.9; AdvCAM's pipeline 68.1 / 68.0)
     "deeplab_val": ("DeepLab-v2 on the pseudo masks, val; test 69.9", 69.8),
     "deeplab_val_crf": ("DeepLab-v2 on the pseudo masks, val, CRF; test 69.9", 69.8),
 }

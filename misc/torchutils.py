@@ -1,4 +1,4 @@
-"""Optimizer and small tensor helpers shared by the training steps (SPEC 3), as IRN's misc/torchutils.py.
+"""Optimizer and small tensor helpers shared by the training steps (docs/method.md §3), as IRN's misc/torchutils.py.
 
 The original `PolyOptimizer.__init__(params, lr, weight_decay, max_step)` calls
 `torch.optim.SGD.__init__(params, lr, weight_decay)`, whose third positional slot is *momentum*: every

@@ -1,4 +1,4 @@
-"""DeepLab-v2 (ResNet-101, ASPP, MSC) as kazuto1011/deeplab-pytorch defines it (SPEC 8).
+"""DeepLab-v2 (ResNet-101, ASPP, MSC) as kazuto1011/deeplab-pytorch defines it (docs/method.md §8).
 
 The modules and their names follow deeplab-pytorch's `libs/models` (`_ConvBnReLU`, `_Bottleneck`,
 `_ResLayer`, `_Stem`, `_ASPP`, `MSC`), so its state dicts load key for key:
@@ -23,15 +23,21 @@ The modules and their names follow deeplab-pytorch's `libs/models` (`_ConvBnReLU
 import re
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from misc.imutils import IMAGENET_MEAN, IMAGENET_STD
+from misc import dist
+from misc.imutils import IMAGENET_MEAN, IMAGENET_STD, resize_label_nearest
 from misc.torchutils import load_canonical_state
 from misc.utils import InputError, load_torch
 from net.resnet50 import FixedBatchNorm
 
+N_CLASSES = 21  # VOC: background + 20 classes
+IGNORE = 255
+GROUP_LR_MULT = (1, 10, 20)        # backbone convolutions, ASPP weights, ASPP biases
+GROUP_DECAYS = (True, True, False)  # ASPP biases have no weight decay
 MEAN_BGR = (104.008, 116.669, 122.675)  # deeplab-pytorch's (caffe's) input: BGR minus this, no std division
 RESNET101_BLOCKS = (3, 4, 23, 3)
 ASPP_RATES = (6, 12, 18, 24)
@@ -275,3 +281,58 @@ def deeplab_v2(n_classes=21, weights=None, width=64, n_blocks=RESNET101_BLOCKS, 
 def msc_state_dict(model):
     """The MSC model's state dict on the CPU (keys `base.*`: deeplab-pytorch's layout)."""
     return OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------- the training recipe
+
+def resize_labels(labels, size):
+    """(B, H, W) int labels -> (B, h, w) int64, PIL nearest per map (deeplab-pytorch's resize_labels; it
+    passes (H, W) where PIL expects (width, height), which only matters for non-square crops)."""
+    return torch.from_numpy(np.stack([resize_label_nearest(l.numpy(), size) for l in labels.cpu()])
+                            .astype(np.int64))
+
+
+def msc_loss(outputs, labels, iter_size):
+    """Sum over the MSC outputs of CE(ignore 255) against the labels resized to each output, / iter_size.
+
+    Under torchrun `labels` are this rank's images of the sub-batch: each CE is then this rank's pixels'
+    sum over the sub-batch's labelled pixel count (all ranks'), and the ranks' losses add up to the loss of
+    the whole sub-batch (misc/dist.py)."""
+    total = 0
+    for logit in outputs:
+        target = resize_labels(labels, logit.shape[2:]).to(logit.device)
+        if dist.world() == 1:
+            total = total + F.cross_entropy(logit, target, ignore_index=IGNORE)
+        else:
+            labelled = dist.total((target != IGNORE).sum())
+            total = total + F.cross_entropy(logit, target, ignore_index=IGNORE, reduction="sum") / labelled
+    return total / iter_size
+
+
+def param_groups(model, lr, weight_decay):
+    """deeplab-pytorch's get_params: backbone conv weights (lr), ASPP weights (10 lr), ASPP biases (20 lr,
+    no weight decay). BatchNorm parameters are in no group (frozen)."""
+    backbone, aspp_w, aspp_b = [], [], []
+    for name, module in model.base.named_modules():
+        if not isinstance(module, torch.nn.Conv2d):
+            continue
+        if name.startswith("aspp"):
+            aspp_w.append(module.weight)
+            aspp_b.append(module.bias)
+        else:
+            backbone += list(module.parameters())
+    return [{"params": params, "lr": mult * lr, "weight_decay": weight_decay if decays else 0.0}
+            for params, mult, decays in zip((backbone, aspp_w, aspp_b), GROUP_LR_MULT, GROUP_DECAYS)]
+
+
+def poly_lr(base_lr, update, iter_max, power, step_size):
+    """The lr in effect after `update` updates (1-based count) under deeplab-pytorch's PolynomialLR,
+    stepped once after every update: base * (1 - t/iter_max) ** power set at the last t <= update with
+    t % step_size == 0 and t <= iter_max; base before the first such t."""
+    t = min(update, iter_max) // step_size * step_size
+    return base_lr if t == 0 else base_lr * (1 - t / iter_max) ** power
+
+
+def set_lrs(optimizer, base_lrs, update, iter_max, power, step_size):
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = poly_lr(base, update, iter_max, power, step_size)

@@ -1,4 +1,4 @@
-"""CAM classifier (SPEC 2.2), IRN's net/resnet50_cam.py: ResNet-50 stages + a 1x1 conv classifier.
+"""CAM classifier (docs/method.md §2.2), IRN's net/resnet50_cam.py: backbone stages + a 1x1 conv classifier.
 
 Parameter names (our canonical state dict) are those of the original's `stage1..stage4` and
 `classifier`: stage1 = Sequential(conv1, bn1, relu, maxpool, layer1), stage2..4 = Sequential(layerN).
@@ -6,13 +6,15 @@ The original also registers the same modules as `resnet50.*`, `backbone.<i>.*` a
 `newly_added.0.*`, so its checkpoints list every tensor under several names; `load_cam_state` maps
 all of them onto ours (and checks that the copies agree). `backbone` is IRN's [stage1..stage4] in
 IRN's Net and [stage3, stage4] in W-OoD's (the paper's released ID classifier): the file decides.
+The backbone is ResNet-50 (the paper's) or another entry of net/resnet.py (`arch`); the names are the same.
+Steps build and load these nets through net/classifier.py, which says what each step needs of them.
 
 Two training modes (`Net(...)` arguments):
 - the paper's (ImageNet weights): frozen BatchNorm, conv1/bn1 never trained, stage2's output detached
   in `forward` (only stage3, stage4 and the classifier learn: the IRN ID-classifier recipe);
 - ToyVOC from scratch (`--pretrained none`, README "Deviations"): ordinary BatchNorm, every layer
   trained, nothing detached. Every later step rebuilds the net with frozen BatchNorm and loads those
-  weights (`load_classifier`), so the learnt statistics are then frozen as ImageNet's are.
+  weights (net/classifier.py `load_classifier`), so the learnt statistics are then frozen as ImageNet's are.
 """
 import os
 import re
@@ -22,12 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from misc.torchutils import gap2d, load_canonical_state
-from misc.utils import InputError, load_torch, require_file
-from net.resnet50 import resnet50
+from misc.utils import InputError, load_torch
+from net.resnet import DEFAULT_BACKBONE, backbone_spec, block_counts, build_backbone, require_depth
 
 N_CLASSES = 20
 STRIDES = (2, 2, 2, 1)
-# lr multipliers of the optimizer groups (backbone, classifier), SPEC 2.2
+# lr multipliers of the optimizer groups (backbone, classifier), docs/method.md §2.2
 PARAM_GROUP_LR_MULT = (1, 10)
 
 
@@ -36,13 +38,13 @@ class Net(nn.Module):
 
     `detach_stage2`: detach stage2's output in `forward` (the IRN recipe of train_cam); the other
     methods never detach. `train_stem`: whether conv1/bn1 are trainable (only when training from
-    scratch).
+    scratch). `arch`: the backbone (net/resnet.py BACKBONES).
     """
 
     def __init__(self, pretrained="none", width=64, frozen_bn=True, detach_stage2=True, train_stem=False,
-                 n_classes=N_CLASSES):
+                 n_classes=N_CLASSES, arch=DEFAULT_BACKBONE):
         super().__init__()
-        backbone = resnet50(pretrained=pretrained, strides=STRIDES, width=width, frozen_bn=frozen_bn)
+        backbone = build_backbone(arch, pretrained=pretrained, strides=STRIDES, width=width, frozen_bn=frozen_bn)
         self.stage1 = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool,
                                     backbone.layer1)
         self.stage2 = nn.Sequential(backbone.layer2)
@@ -51,12 +53,13 @@ class Net(nn.Module):
         self.classifier = nn.Conv2d(backbone.out_channels, n_classes, 1, bias=False)
         self.n_classes = n_classes
         self.out_channels = backbone.out_channels
+        self.arch = arch
         self.detach_stage2 = detach_stage2
         for p in self.stem_parameters():
             p.requires_grad = train_stem
 
     def stem_parameters(self):
-        """conv1 and bn1 (stage1[0], stage1[1]): never trained from ImageNet weights (SPEC 2.1)."""
+        """conv1 and bn1 (stage1[0], stage1[1]): never trained from ImageNet weights (docs/method.md §2.1)."""
         return list(self.stage1[0].parameters()) + list(self.stage1[1].parameters())
 
     def forward(self, x):
@@ -94,7 +97,7 @@ class Net(nn.Module):
         return backbone, list(self.classifier.parameters())
 
     def wood_param_groups(self):
-        """(stage3 + stage4 parameters, classifier parameters) for W-OoD fine-tuning (SPEC 2.2)."""
+        """(stage3 + stage4 parameters, classifier parameters) for W-OoD fine-tuning (docs/method.md §2.2)."""
         return (list(self.stage3.parameters()) + list(self.stage4.parameters()),
                 list(self.classifier.parameters()))
 
@@ -112,30 +115,7 @@ class CAM(Net):
         return maps[:, 0] + maps[:, 1].flip(-1)
 
 
-# --------------------------------------------------------------------------- building and loading
-
-def new_id_classifier(args):
-    """The ID classifier to train (train_cam): the paper's recipe, or from scratch for --pretrained none."""
-    if str(args.pretrained).lower() == "none":
-        return Net(pretrained="none", width=args.backbone_width, frozen_bn=False, detach_stage2=False,
-                   train_stem=True)
-    return Net(pretrained=args.pretrained, width=args.backbone_width, frozen_bn=True, detach_stage2=True,
-               train_stem=False)
-
-
-def load_classifier(args, weights_path, cls=CAM, hint="run train_cam (--train_cam_pass true) first"):
-    """A trained classifier for every step after train_cam: frozen BatchNorm, nothing detached,
-    conv1/bn1 frozen, weights from `weights_path`, on args.device, in eval mode.
-
-    `cls` is CAM (CAM forward) or Net (classification forward, feature_list). `hint` completes the
-    error message when the file is missing.
-    """
-    require_file(weights_path, f"the classifier weights (.pth); {hint}")
-    model = cls(pretrained="none", width=args.backbone_width, frozen_bn=True, detach_stage2=False,
-                train_stem=False)
-    load_cam_state(model, weights_path)
-    return model.to(torch.device(args.device)).eval()
-
+# --------------------------------------------------------------------------- checkpoints
 
 # The original module lists each tensor under several names; (pattern, replacement) to ours. The
 # `backbone.<i>` aliases differ between the released nets and are resolved per file (backbone_stage_map).
@@ -147,6 +127,8 @@ _ALIASES = [
     (re.compile(r"^newly_added\.0\."), "classifier."),
 ]
 _BACKBONE_KEY = re.compile(r"^backbone\.(\d+)\.(.+)$")
+# a bottleneck's key under our names: stage1.4.<j> is layer1, stage<n>.0.<j> layer<n> (groups: layer, block)
+_STAGE_BLOCK = re.compile(r"^stage([1-4])\.[04]\.(\d+)\.")
 _STAGES = ("stage1", "stage2", "stage3", "stage4")
 _COUNTER = ".num_batches_tracked"
 
@@ -165,16 +147,16 @@ def _sub_keys(keys, prefix):
     return {k[len(prefix):] for k in keys if k.startswith(prefix) and not k.endswith(_COUNTER)}
 
 
-def backbone_stage_map(keys, expected_keys, source="state dict"):
+def backbone_stage_map(keys, expected_keys, source="state dict", title="ResNet-50"):
     """{i: "stage<s>"}: the stage that each `backbone.<i>` of a checkpoint lists, read from the file.
 
     IRN's Net registers `backbone = [stage1, stage2, stage3, stage4]`, W-OoD's `backbone = [stage3,
-    stage4]` (SPEC 2.2). The stages of a ResNet-50 differ in structure (stage1 holds the stem, and
-    stages 2, 3, 4 have 4, 6, 3 blocks), so `backbone.<i>` is the one stage whose sub-keys it has,
+    stage4]` (docs/method.md §2.2). The stages of a ResNet differ in structure (stage1 holds the stem, and
+    stages 2, 3, 4 have 4, 6, 3 blocks in ResNet-50), so `backbone.<i>` is the one stage whose sub-keys it has,
     exactly; whether its tensors equal the file's other aliases of that stage is checked when merging.
     A damaged file (keys lost or added) maps each `backbone.<i>` to the stage that shares most of its
     sub-keys (more than half, one such stage), so that the strict load names what is missing.
-    InputError if no stage fits.
+    InputError if no stage fits (`title` names the network in it).
     """
     indices = sorted({int(m.group(1)) for m in map(_BACKBONE_KEY.match, keys) if m})
     stage_keys = {stage: _sub_keys(expected_keys, stage + ".") for stage in _STAGES}
@@ -187,26 +169,33 @@ def backbone_stage_map(keys, expected_keys, source="state dict"):
             best = max(overlap.values(), default=0)
             fits = [stage for stage, share in overlap.items() if share == best and share > 0.5]
         if len(fits) != 1:
-            raise InputError(f"{source}: backbone.{i}.* ({len(own)} tensors) is not one stage of a ResNet-50 CAM "
+            raise InputError(f"{source}: backbone.{i}.* ({len(own)} tensors) is not one stage of a {title} CAM "
                              f"classifier (neither IRN's nor W-OoD's alias layout); the file belongs to another "
                              f"network")
         mapping[i] = fits[0]
     return mapping
 
 
-def canonical_state(state, source="state dict", expected_keys=None):
-    """Map every alias to our names; InputError if two aliases of one tensor differ.
-
-    `expected_keys` (our state dict's keys) resolve the `backbone.<i>` aliases (backbone_stage_map);
-    without them such keys stay as they are.
-    """
+def unwrapped_state(state, source):
+    """The tensors of a checkpoint: the dict itself, its "state_dict" entry, without a DataParallel "module."
+    prefix; InputError if it is no dict."""
     if not isinstance(state, dict):
         raise InputError(f"{source} is not a state dict (got {type(state).__name__})")
     if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
-    stages = backbone_stage_map(state.keys(), expected_keys, source) if expected_keys is not None else {}
+    return state
+
+
+def canonical_state(state, source="state dict", expected_keys=None, title="ResNet-50"):
+    """Map every alias to our names; InputError if two aliases of one tensor differ.
+
+    `expected_keys` (our state dict's keys) resolve the `backbone.<i>` aliases (backbone_stage_map);
+    without them such keys stay as they are. `title` names the network in errors.
+    """
+    state = unwrapped_state(state, source)
+    stages = backbone_stage_map(state.keys(), expected_keys, source, title) if expected_keys is not None else {}
     merged, origin = {}, {}
     for key, value in state.items():
         m = _BACKBONE_KEY.match(key)
@@ -224,13 +213,17 @@ def canonical_state(state, source="state dict", expected_keys=None):
 def load_cam_state(model, path_or_state, source=None):
     """Load our own or the original's (alias-keyed) CAM state dict into `model`, strictly.
 
-    InputError naming the file and the missing / unexpected / mis-shaped keys for anything else.
+    InputError naming the file and the missing / unexpected / mis-shaped keys for anything else, or the
+    --backbone to pass for a classifier of another registered depth.
     """
     if isinstance(path_or_state, (str, os.PathLike)):
         source = source or str(path_or_state)
         state = load_torch(path_or_state)
     else:
         state, source = path_or_state, source or "the given state dict"
-    merged, origin = canonical_state(state, source, expected_keys=model.state_dict().keys())
-    return load_canonical_state(model, merged, origin, source, "a complete ResNet-50 CAM classifier",
+    state = unwrapped_state(state, source)
+    require_depth(block_counts(map(canonical_key, state), _STAGE_BLOCK), model.arch, source)
+    title = backbone_spec(model.arch).title
+    merged, origin = canonical_state(state, source, expected_keys=model.state_dict().keys(), title=title)
+    return load_canonical_state(model, merged, origin, source, f"a complete {title} CAM classifier",
                                 model.out_channels // 32)

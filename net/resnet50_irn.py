@@ -1,17 +1,19 @@
-"""Inter-pixel relation network (SPEC 2.3), IRN's net/resnet50_irn.py.
+"""Inter-pixel relation network (docs/method.md §2.3), IRN's net/resnet50_irn.py.
 
-A frozen, detached ResNet-50 backbone cut into x1..x5 feeds two heads of 1x1 convolutions:
+A frozen, detached ResNet backbone (ResNet-50, the paper's, or another entry of net/resnet.py: `arch`) cut
+into x1..x5 feeds two heads of 1x1 convolutions:
 the boundary branch (`fc_edge1..6`, one logit map at stride 4) and the displacement branch
 (`fc_dp1..7`, a 2-channel map (dy, dx) at stride 4), followed by the mean-shift buffer.
 
-Canonical state-dict names: `resnet50.{conv1,bn1,layer1..4}.*`, `fc_edge1..6.*`, `fc_dp1..7.*`,
+Canonical state-dict names (`resnet50.` prefixes the backbone whatever `arch` is: the released name):
+`resnet50.{conv1,bn1,layer1..4}.*`, `fc_edge1..6.*`, `fc_dp1..7.*`,
 `mean_shift.running_mean`. The original module also registers the same tensors as `stage1..5.*`,
 `backbone.<i>.*`, `edge_layers.<i>.*`, `dp_layers.<i>.*` and `fc_dp7.4.running_mean`, and its
 training module adds `path_indices<i>` / `disp_target` buffers: `load_irn_state` maps the aliases
 (checking that copies agree) and ignores those buffers, so the released checkpoints load.
 
-`backbone_width` scales x1..x5 (width, 4w, 8w, 16w, 32w channels; 64 = the real ResNet-50); the
-head widths (32, 64, 128, 256) are the SPEC's at every width.
+`backbone_width` scales x1..x5 (width, 4w, 8w, 16w, 32w channels; 64 = the real network); the
+head widths (32, 64, 128, 256) are docs/method.md §2.3's at every width.
 """
 import re
 
@@ -22,11 +24,11 @@ import torch.nn.functional as F
 from misc import indexing
 from misc.torchutils import load_canonical_state
 from misc.utils import InputError, load_torch, require_file
-from net.resnet50 import resnet50
+from net.resnet import DEFAULT_BACKBONE, block_counts, build_backbone, require_depth
 
 STRIDES = (2, 2, 2, 1)
 FEATURE_STRIDE = 4  # edge / displacement maps are at 1/4 of the input
-# lr multipliers of the optimizer groups (boundary, displacement), SPEC 2.3
+# lr multipliers of the optimizer groups (boundary, displacement), docs/method.md §2.3
 PARAM_GROUP_LR_MULT = (1, 10)
 
 
@@ -53,11 +55,14 @@ class MeanShift(nn.Module):
 
 
 class Net(nn.Module):
-    """forward(x) -> (edge logits (B, 1, h/4, w/4), displacement (B, 2, h/4, w/4))."""
+    """forward(x) -> (edge logits (B, 1, h/4, w/4), displacement (B, 2, h/4, w/4)). `arch`: the backbone
+    (net/resnet.py BACKBONES), held as `self.resnet50` whatever it is (the state-dict prefix)."""
 
-    def __init__(self, pretrained="none", backbone_width=64):
+    def __init__(self, pretrained="none", backbone_width=64, arch=DEFAULT_BACKBONE):
         super().__init__()
-        self.resnet50 = resnet50(pretrained=pretrained, strides=STRIDES, width=backbone_width, frozen_bn=True)
+        self.arch = arch
+        self.resnet50 = build_backbone(arch, pretrained=pretrained, strides=STRIDES, width=backbone_width,
+                                       frozen_bn=True)
         for p in self.resnet50.parameters():  # the backbone is never trained
             p.requires_grad = False
         w = backbone_width
@@ -128,17 +133,18 @@ class Net(nn.Module):
         return self
 
     def load_backbone_from_classifier(self, weights_path):
-        """Copy the backbone of an ID classifier (net/resnet50_cam.py state dict) into ours.
+        """Copy the backbone of an ID classifier (net/resnet50_cam.py state dict, same `arch`) into ours.
 
         For `--pretrained none` (ToyVOC): there are no ImageNet weights, and a random backbone
         gives IRN nothing to learn from (README "Deviations").
         """
-        from net import resnet50_cam
+        from net.classifier import build_classifier
+        from net.resnet50_cam import load_cam_state
         width = self.resnet50.conv1.out_channels
         require_file(weights_path, "the ID classifier weights (.pth) whose backbone IRN uses with "
                                    "--pretrained none; run train_cam first")
-        cam = resnet50_cam.Net(pretrained="none", width=width, frozen_bn=True, detach_stage2=False)
-        resnet50_cam.load_cam_state(cam, weights_path)
+        cam = build_classifier(self.arch, width, "none", "features")
+        load_cam_state(cam, weights_path)
         r = self.resnet50
         for ours, theirs in [(r.conv1, cam.stage1[0]), (r.bn1, cam.stage1[1]), (r.layer1, cam.stage1[4]),
                              (r.layer2, cam.stage2[0]), (r.layer3, cam.stage3[0]), (r.layer4, cam.stage4[0])]:
@@ -147,15 +153,15 @@ class Net(nn.Module):
 
 
 class AffinityDisplacementLoss(Net):
-    """Training module: forward(x) -> per-pair loss terms (SPEC 5.2), reduced by train_irn.
+    """Training module: forward(x) -> per-pair loss terms (docs/method.md §5.2), reduced by train_irn.
 
     Returns `pos_aff` = -log(a + 1e-5), `neg_aff` = -log(1 + 1e-5 - a) (B, n_dirs, n_src) with `a` the
     affinities of sigmoid(edge), and `dp_fg` = |pd - d|, `dp_bg` = |pd| (B, 2, n_dirs, n_src) with
     pd = disp(p) - disp(p + d). The path-index buffers are not saved (state dict = Net's).
     """
 
-    def __init__(self, path_index, pretrained="none", backbone_width=64):
-        super().__init__(pretrained=pretrained, backbone_width=backbone_width)
+    def __init__(self, path_index, pretrained="none", backbone_width=64, arch=DEFAULT_BACKBONE):
+        super().__init__(pretrained=pretrained, backbone_width=backbone_width, arch=arch)
         self.path_index = path_index
         self.n_path_lengths = len(path_index.path_indices)
         for i, pi in enumerate(path_index.path_indices):
@@ -201,8 +207,9 @@ class EdgeDisplacement(Net):
     `inference_size` first.
     """
 
-    def __init__(self, crop_size=512, stride=FEATURE_STRIDE, pretrained="none", backbone_width=64):
-        super().__init__(pretrained=pretrained, backbone_width=backbone_width)
+    def __init__(self, crop_size=512, stride=FEATURE_STRIDE, pretrained="none", backbone_width=64,
+                 arch=DEFAULT_BACKBONE):
+        super().__init__(pretrained=pretrained, backbone_width=backbone_width, arch=arch)
         self.crop_size = crop_size
         self.stride = stride
 
@@ -220,24 +227,25 @@ class EdgeDisplacement(Net):
 
 # --------------------------------------------------------------------------- building and loading
 
-def new_training_module(args, path_index):
-    """AffinityDisplacementLoss with the backbone of SPEC 2.3: ImageNet weights, or with
-    `--pretrained none` the ID classifier's backbone (args.cam_weights_name)."""
-    no_imagenet = str(args.pretrained).lower() == "none"
-    model = AffinityDisplacementLoss(path_index, pretrained="none" if no_imagenet else args.pretrained,
-                                     backbone_width=args.backbone_width)
+def new_training_module(path_index, arch, width, pretrained, classifier_weights):
+    """AffinityDisplacementLoss on the `arch` backbone of `width` (docs/method.md §2.3): `pretrained`
+    ImageNet weights, or with pretrained 'none' the backbone of the ID classifier in `classifier_weights`."""
+    no_imagenet = str(pretrained).lower() == "none"
+    model = AffinityDisplacementLoss(path_index, pretrained="none" if no_imagenet else pretrained,
+                                     backbone_width=width, arch=arch)
     if no_imagenet:
-        model.load_backbone_from_classifier(args.cam_weights_name)
+        model.load_backbone_from_classifier(classifier_weights)
     return model
 
 
-def load_edge_displacement(args):
-    """The trained IRN for inference (args.irn_weights_name), on args.device, in eval mode."""
-    require_file(args.irn_weights_name, "the IRN weights (.pth); run train_irn (--train_irn_pass true) "
-                                        "first or give the released res50_irn.pth")
-    model = EdgeDisplacement(crop_size=args.irn_crop_size, backbone_width=args.backbone_width)
-    load_irn_state(model, args.irn_weights_name)
-    return model.to(torch.device(args.device)).eval()
+def load_edge_displacement(path, arch, width, crop_size, device):
+    """The trained IRN in `path` for inference (EdgeDisplacement padding to `crop_size`), on `device`, in
+    eval mode."""
+    require_file(path, "the IRN weights (.pth); run train_irn (--train_irn_pass true) "
+                       "first or give the released res50_irn.pth")
+    model = EdgeDisplacement(crop_size=crop_size, backbone_width=width, arch=arch)
+    load_irn_state(model, path)
+    return model.to(torch.device(device)).eval()
 
 
 # The original lists each tensor under several names; (pattern, replacement) to ours, applied until
@@ -255,6 +263,7 @@ _ALIASES = [
 ]
 # buffers of the original's training module (recomputed from the radius, not weights)
 _IGNORED = re.compile(r"^(path_indices\d+|disp_target)$")
+_BACKBONE_BLOCK = re.compile(r"^resnet50\.layer([1-4])\.(\d+)\.")  # groups: layer, block
 
 
 def canonical_key(key):
@@ -266,8 +275,6 @@ def canonical_key(key):
             key, n = pattern.subn(replacement, key)
             changed = changed or bool(n)
     return key
-
-
 
 
 def canonical_state(state, source):
@@ -303,5 +310,6 @@ def load_irn_state(model, path_or_state, source=None):
         source = source or str(path_or_state)
         state = load_torch(path_or_state)
     merged, origin = canonical_state(state, source)
+    require_depth(block_counts(merged, _BACKBONE_BLOCK), model.arch, source)
     return load_canonical_state(model, merged, origin, source, "an IRN (resnet50_irn)",
                                 model.resnet50.conv1.out_channels)

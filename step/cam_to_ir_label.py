@@ -1,22 +1,17 @@
-"""Confident inter-pixel-relation labels from CAM seeds (SPEC 5.1), IRN's step/cam_to_ir_label.py.
+"""Confident inter-pixel-relation labels from CAM seeds (docs/method.md §5.1), IRN's step/cam_to_ir_label.py.
 
-For every image of args.infer_list: read `<ir_label_cam_dir>/<id>.npz` (keys, high_res) and the RGB
-image; arg-max with a constant background score at args.conf_fg_thres and at args.conf_bg_thres,
-refine both with a dense CRF; confident foreground where the high-threshold map says so, confident
-background where both say background, 255 (unsure) elsewhere. Writes `<ir_label_out_dir>/<id>.png`
-(single channel). Resumable (existing PNGs are kept); images run in a process pool of
-args.num_workers.
+For every image of --infer_list: read `<ir_label_cam_dir>/<id>.npz` (keys, high_res) and the RGB image; arg-max
+with a constant background score at --conf_fg_thres and at --conf_bg_thres, each refined by a dense CRF;
+confident foreground where the high-threshold map says so, confident background where both say background, 255
+(unsure) elsewhere. Writes `<ir_label_out_dir>/<id>.png` (single channel). Resumable; the CRF runs in
+--num_workers CPU processes (per rank under torchrun).
 """
-import functools
-import multiprocessing
-import os
-
 import numpy as np
 
-from misc import dist, imutils, provenance
-from misc.crf import crf_inference_label
+from misc import imutils, provenance, steptools
 from misc.camfile import read_cam_file
-from misc.utils import InputError, require_dir, save_png
+from misc.crf import crf_inference_label
+from misc.utils import save_png
 from voc12.dataloader import img_path, load_image_labels, load_img_name_list
 
 UNSURE = 255
@@ -49,48 +44,31 @@ def ir_label(img, high_res, keys, fg_thres, bg_thres):
     return combine_fg_bg(fg_conf, bg_conf)
 
 
-def _seed_path(cam_dir, img_id):
-    return os.path.join(cam_dir, img_id + ".npz")
+def setup(args, ids):
+    return {"dataset": steptools.IdDataset(ids), "args": args,
+            "labels": dict(zip(ids, load_image_labels(args.voc12_root, ids)))}
 
 
-def _out_path(out_dir, img_id):
-    return os.path.join(out_dir, img_id + ".png")
+def write(state, img_ids):
+    args = state["args"]
+    for img_id in img_ids:
+        img = imutils.read_rgb(img_path(args.voc12_root, img_id))
+        keys, high_res = read_cam_file(steptools.output_path(args.ir_label_cam_dir, img_id, ".npz"), "high_res",
+                                       state["labels"][img_id], img.shape[:2])
+        save_png(steptools.output_path(args.ir_label_out_dir, img_id, ".png"),
+                 ir_label(img, high_res, keys, args.conf_fg_thres, args.conf_bg_thres))
 
 
-def _work(img_id, cam_dir, out_dir, voc12_root, fg_thres, bg_thres, labels):
-    img = imutils.read_rgb(img_path(voc12_root, img_id))
-    keys, high_res = read_cam_file(_seed_path(cam_dir, img_id), "high_res", labels[img_id], img.shape[:2])
-    save_png(_out_path(out_dir, img_id), ir_label(img, high_res, keys, fg_thres, bg_thres))
-    return img_id
+def provenance_inputs(args):
+    """What decides the IR labels (misc/provenance.py)."""
+    return {"cams": provenance.folder_identity(args.ir_label_cam_dir),
+            **provenance.flag_values(args, ["conf_fg_thres", "conf_bg_thres"])}
 
 
 def run(args):
-    require_dir(args.ir_label_cam_dir, "the CAM files <id>.npz of make_cam / make_advcam "
-                                       "(set --ir_label_cam_dir)")
     ids = load_img_name_list(args.voc12_root, args.infer_list)
-    missing = [i for i in ids if not os.path.isfile(_seed_path(args.ir_label_cam_dir, i))]
-    if missing:
-        raise InputError(f"{len(missing)} CAM file(s) of --infer_list missing from {args.ir_label_cam_dir}, "
-                         f"e.g. {_seed_path(args.ir_label_cam_dir, missing[0])}: run make_cam / make_advcam "
-                         f"on the same --infer_list first")
-    inputs = {"cams": provenance.folder_identity(args.ir_label_cam_dir),
-              **provenance.flag_values(args, ["conf_fg_thres", "conf_bg_thres"])}
-    dist.main_first(provenance.claim_folder, args.ir_label_out_dir, "cam_to_ir_label", inputs, ".png", args,
-                    "--ir_label_out_dir")
-    todo, mine = dist.pending_shard(ids, functools.partial(_out_path, args.ir_label_out_dir))
-    print(f"cam_to_ir_label: {len(ids) - len(todo)} of {len(ids)} done already, {len(todo)} to do "
-          f"-> {args.ir_label_out_dir}")
-    work = functools.partial(_work, cam_dir=args.ir_label_cam_dir, out_dir=args.ir_label_out_dir,
-                             voc12_root=args.voc12_root, fg_thres=args.conf_fg_thres,
-                             bg_thres=args.conf_bg_thres,
-                             labels=dict(zip(mine, load_image_labels(args.voc12_root, mine))))
-    progress = dist.GlobalProgress([_out_path(args.ir_label_out_dir, i) for i in todo], "cam_to_ir_label")
-    if args.num_workers <= 1 or len(mine) <= 1:  # under torchrun: this rank's images, in its own pool
-        for img_id in mine:
-            work(img_id)
-            progress.update(1)
-    else:
-        with multiprocessing.get_context("fork").Pool(args.num_workers) as pool:
-            for _ in pool.imap_unordered(work, mine, chunksize=1):
-                progress.update(1)
-    progress.close()
+    steptools.require_files(args.ir_label_cam_dir, ids, ".npz", "CAM files of --infer_list",
+                            "run make_cam / make_advcam on the same --infer_list first (set --ir_label_cam_dir)")
+    # CPU work whatever the device: --num_workers processes (per rank under torchrun)
+    steptools.run_pending("cam_to_ir_label", ids, args.ir_label_out_dir, ".png", provenance_inputs(args), args, "--ir_label_out_dir",
+                          setup, (args,), write, n_processes=max(1, args.num_workers))

@@ -1,4 +1,4 @@
-"""DeepLab-v2 predictions and their mIoU (SPEC 8), deeplab-pytorch's `main.py test` and `main.py crf`.
+"""DeepLab-v2 predictions and their mIoU (docs/method.md §8), deeplab-pytorch's `main.py test` and `main.py crf`.
 
 Per image of args.seg_eval_list (val): the whole image (BGR, mean-subtracted, no resize, batch 1) -> MSC max
 logits -> bilinear up-sampling to (H, W) -> soft-max -> arg-max, and with args.seg_crf the dense CRF of
@@ -24,13 +24,13 @@ from pydensecrf.utils import unary_from_softmax
 
 from misc import dist, provenance
 from misc.imutils import read_rgb
-from misc.metrics import confusion_matrix, scores
+from misc.metrics import score_label_folder
 from misc.report import add_to_summary, summary_entry
 from misc.summary import N_SAMPLES
 from misc.utils import InputError, palette_voc, save_png
-from net.deeplab_v2 import deeplab_v2
-from step.train_seg import MEAN_BGR, N_CLASSES, read_bgr
-from voc12.dataloader import img_path, load_gt, load_img_name_list, read_index_png, require_images
+from net.deeplab_v2 import MEAN_BGR, N_CLASSES, deeplab_v2
+from voc12.dataloader import img_path, load_img_name_list, require_images
+from voc12.segmentation import read_bgr
 
 # deeplab-pytorch configs/voc12.yaml CRF section
 CRF_ITER_MAX = 10
@@ -97,7 +97,7 @@ def _test_ids(args):
     return ids if all(os.path.isfile(img_path(args.voc12_root, i)) for i in ids) else None
 
 
-def prediction_inputs(args, kind):
+def provenance_inputs(args, kind="crf"):
     """What decides the predictions of a folder of `kind` (plain, crf, server; misc/provenance.py)."""
     inputs = {"weights": provenance.file_digest(args.seg_weights_name), "kind": kind,
               **provenance.flag_values(args, ["seg_width"])}
@@ -113,7 +113,7 @@ def predict_split(args, model, device, ids, folders):
     palette = palette_voc()
     for kind, folder in folders.items():
         if folder:
-            dist.main_first(provenance.claim_folder, folder, "eval_seg", prediction_inputs(args, kind), ".png",
+            dist.main_first(provenance.claim_folder, folder, "eval_seg", provenance_inputs(args, kind), ".png",
                             args, "--seg_weights_name / --seg_name")
     dist.barrier()  # under torchrun: every rank lists the same images still to do, then takes its share
     todo = [i for i in ids if not all(os.path.isfile(os.path.join(f, i + ".png")) for f in folders.values() if f)]
@@ -140,14 +140,6 @@ def predict_split(args, model, device, ids, folders):
     dist.barrier()  # all predictions exist before anyone scores them
 
 
-def score_folder(folder, voc12_root, ids):
-    confusion = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
-    for img_id in ids:
-        pred = read_index_png(os.path.join(folder, img_id + ".png"), "a prediction PNG of eval_seg")
-        confusion += confusion_matrix([pred], [load_gt(voc12_root, img_id)], n_class=N_CLASSES)
-    return scores(confusion)
-
-
 def run(args):
     device = torch.device(args.device)
     model = deeplab_v2(N_CLASSES, args.seg_weights_name, width=args.seg_width).to(device).eval()
@@ -160,7 +152,7 @@ def run(args):
         if folder is None or not dist.is_main():  # scored once, by rank 0
             continue
         name = os.path.basename(folder)
-        result = score_folder(folder, args.voc12_root, ids)
+        result = score_label_folder(folder, args.voc12_root, ids)
         add_to_summary(args.work_dir, summary_entry(name, "eval_seg", result))
         print(f"eval_seg: {name} mIoU {result['miou'] * 100:.2f} % on {len(ids)} images ({args.seg_eval_list})")
     # the rows of the run's samples.png (misc/summary.py): the first images of the evaluated list

@@ -1,226 +1,34 @@
-"""AdvCAM (SPEC 4.6): anti-adversarial CAMs, by default from the W-OoD classifier.
+"""AdvCAM (docs/method.md §4.6), AdvCAM's obtain_CAM_masking: anti-adversarial CAMs, by default from the W-OoD
+classifier.
 
-Per image, per label class c, per scale, starting from the unmodified MSF pair x = [img, flipped img]:
-each iteration takes the Grad-CAM region of class c at stage4 (summed over the pair, the flipped half
-flipped back), accumulates it, and moves x one normalised gradient step up
-    L = L_cls - AD_coeff * L_AD,
-    L_cls = sum_b mean relu(A)[b, c] - sum_{b, k != c} mean relu(A)[b, k],
-    L_AD  = sum |region - region_0| * [region / max(region) > score_th],
-x <- clamp(x + AD_stepsize * g / (max|g| + 1e-12), min(x), max(x)).
-The accumulated regions of every scale are resized and summed as make_cam does (4.4) and saved in its
-format: <advcam_out_dir>/<id>.npz with keys, cam, high_res.
-
-Scales: args.cam_scales (default 1.0, 0.5, 1.5, 2.0). As in the original, which hard-codes the
-positions [1, 0, 2, 3], the second scale of the list (0.5) is processed first and runs fewer
-iterations (`adv_iterations`); the others follow in list order. Every accumulated map is multiplied
-by 2 when adv_iter > 10 (as released; only visible through make_cam's 1e-5).
-
-Batching (no change of numbers, tests/test_advcam.py against the literal loop of bench/advcam_speed.py):
-at each scale the class-runs (one label class of one image, its flip pair) of all the label classes of
---advcam_batch images of one size are one batch; every reduction of the rule (positive count of G, max
-of the region, max |g_x|, min and max of x) is taken per class-run, and nothing leaves the device inside
-the iterations. Images wait in same-size buckets (misc/batching.py): padding would change values.
---amp bf16 runs the forward passes under bfloat16 autocast (optional; float32 is the default),
---channels_last feeds the net NHWC tensors. Resumable (outputs reused only if the folder's provenance record says the same classifier
-and constants made them, misc/provenance.py); on CPU with --num_workers > 1 the pending images
-are split over that many processes (one torch thread each, one image at a time); on a GPU one process
-with --num_workers data-loader workers. When a batch does not fit in the device's memory the class-runs
-are split into smaller batches (same numbers).
+Reads the classifier of --make_advcam_from (wood: --wood_weights_name, id: --cam_weights_name) and the images
+of --infer_list; writes `<advcam_out_dir>/<id>.npz` in make_cam's format (keys, cam, high_res). The maths,
+scale order and quirks are misc/advcam.py's. Resumable; several processes (torchrun ranks, or --num_workers
+CPU processes) share the images. --advcam_batch N puts the class-runs of up to N images of one size in one
+batch (the same maps; split further when the device runs out of memory); --amp bf16 and --channels_last are
+options (docs/benchmarks.md).
 """
-import os
-
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from misc import dist, provenance
-from misc.batching import same_size_groups
-from misc.parallel import run_in_processes
-from misc.torchutils import precision_context
-from misc.utils import InputError, save_npz
-from net.resnet50_cam import Net, load_classifier
-from step.make_cam import provenance_inputs, scale_maps_to_cam, strided_size
+from misc import steptools
+from misc.advcam import group_advcam, scale_processing_order
+from misc.utils import save_npz
+from net.classifier import load_classifier
 from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
 
-GRAD_EPS = 1e-12        # the original's epsilon of both normalisations (Grad-CAM count, input gradient)
-REDUCED_SCALE_POSITION = 1  # the scale list position processed first with fewer iterations (0.5)
+ADVCAM_FLAGS = ["adv_iter", "AD_coeff", "AD_stepsize", "score_th"]
 
-
-# ------------------------------------------------------------------------------------------ maths
-
-def scale_processing_order(n_scales):
-    """Positions of the scale list in processing order: [1, 0, 2, 3, ...] (the original's order)."""
-    if n_scales <= REDUCED_SCALE_POSITION:
-        return list(range(n_scales))
-    return [REDUCED_SCALE_POSITION] + [i for i in range(n_scales) if i != REDUCED_SCALE_POSITION]
-
-
-def adv_iterations(adv_iter, reduced):
-    """Iterations at a scale: adv_iter, or at the reduced scale adv_iter // 2 (> 10), adv_iter (< 6), else 5."""
-    if not reduced:
-        return adv_iter
-    if adv_iter > 10:
-        return adv_iter // 2
-    if adv_iter < 6:
-        return adv_iter
-    return 5
-
-
-def accumulation_multiplier(adv_iter):
-    """The original multiplies every accumulated map by 2 when adv_iter > 10, else by 1."""
-    return 2.0 if adv_iter > 10 else 1.0
-
-
-def advcam_regions(model, pairs, classes, n_iter, ad_coeff, step_size, score_th, amp="none",
-                   channels_last=False):
-    """Accumulated anti-adversarial Grad-CAM regions (n, h', w') of n class-runs.
-
-    pairs: (n, 2, 3, h, w), the MSF pair [x, flip_w(x)] of each run (runs of several images of one
-    size may share a batch), or one (2, 3, h, w) pair shared by all runs; classes: (n,) the class of
-    each run. model: the CAM net (stage4_features, classifier.weight), frozen BN, so batch elements
-    never interact. Every reduction of the per-class rule (positive count of G, max of the region,
-    max |g_x|, min and max of x) is taken per run (dims 1.. of a (n, ...) view), so each run's numbers
-    are those of running it alone. Everything stays on the pairs' device: no host round trip inside
-    the iterations. `amp="bf16"` runs the forward passes under bfloat16 autocast (the reductions and x
-    itself stay float32); `channels_last` feeds the net NHWC tensors (same maths).
-    """
-    device = pairs.device
-    classes = torch.as_tensor(classes, dtype=torch.long).to(device)
-    n_runs = len(classes)
-    if pairs.dim() == 4:
-        pairs = pairs.unsqueeze(0).expand(n_runs, *pairs.shape)
-    if pairs.shape[:2] != (n_runs, 2):
-        raise ValueError(f"pairs {tuple(pairs.shape)} do not match {n_runs} class-runs")
-    runs = torch.arange(n_runs, device=device)
-    weight = model.classifier.weight
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    x = pairs.detach().clone()                                             # (n, 2, 3, h, w)
-    init, acc = None, None
-    for i in range(n_iter):
-        x.requires_grad_(True)
-        with precision_context(device, amp):
-            feat = model.stage4_features(x.flatten(0, 1).contiguous(memory_format=layout))  # (2n, K, h', w')
-            maps = F.conv2d(feat, weight)                                    # (2n, C, h', w')
-        n_chan, hp, wp = feat.shape[1:]
-        relu_maps = F.relu(maps.to(x.dtype)).reshape(n_runs, 2, -1, hp, wp)
-        # Grad-CAM: G = d(sum_b v[b, c]) / d feat, weights w = sum_pixels G / (#positive entries of G + eps)
-        class_score = relu_maps[runs, :, classes].sum()                     # sum over runs of sum_b v[b, c]
-        grad_feat, = torch.autograd.grad(class_score, feat, retain_graph=True)
-        grad_feat = grad_feat.to(x.dtype).reshape(n_runs, 2, n_chan, hp, wp)
-        positives = (grad_feat > 0).flatten(1).sum(1).to(grad_feat.dtype) + GRAD_EPS   # (n,)
-        channel_w = grad_feat.sum(dim=(3, 4)) / positives[:, None, None]    # (n, 2, K), constants
-        feat_runs = feat.to(x.dtype).reshape(n_runs, 2, n_chan, hp, wp)
-        regions = F.relu((feat_runs * channel_w[..., None, None]).sum(2))
-        region = regions[:, 0] + regions[:, 1].flip(-1)                     # (n, h', w')
-        if i == 0:
-            init = region.detach()
-            acc = torch.zeros_like(init)
-        acc = acc + region.detach()
-        mean_act = relu_maps.mean(dim=(3, 4))                               # (n, 2, C)
-        own = mean_act[runs, :, classes].sum(1)                             # (n,)
-        loss_cls = own - (mean_act.sum(dim=(1, 2)) - own)
-        mask = (region / region.flatten(1).amax(1)[:, None, None] > score_th).to(region.dtype)
-        loss_ad = ((region - init).abs() * mask).sum(dim=(1, 2))
-        loss = (loss_cls - ad_coeff * loss_ad).sum()
-        grad_x, = torch.autograd.grad(loss, x)
-        with torch.no_grad():
-            flat_x, flat_g = x.flatten(1), grad_x.reshape(n_runs, -1)
-            step = step_size * flat_g / (flat_g.abs().amax(1, keepdim=True) + GRAD_EPS)
-            lo, hi = flat_x.amin(1, keepdim=True), flat_x.amax(1, keepdim=True)
-            x = torch.maximum(torch.minimum(flat_x + step, hi), lo).view_as(x).detach()
-    return acc
-
-
-def advcam_regions_fitting_memory(model, pairs, classes, *rule, **options):
-    """`advcam_regions`, splitting the class-runs into smaller batches when the device runs out of memory
-    (class-runs are independent: the numbers are the same)."""
-    try:
-        return advcam_regions(model, pairs, classes, *rule, **options)
-    except torch.OutOfMemoryError:
-        if len(classes) == 1:
-            raise
-    if pairs.device.type == "cuda":
-        torch.cuda.empty_cache()
-    half = len(classes) // 2
-    shared = pairs.dim() == 4  # one pair for all runs
-    return torch.cat([
-        advcam_regions_fitting_memory(model, pairs if shared else pairs[:half], classes[:half], *rule, **options),
-        advcam_regions_fitting_memory(model, pairs if shared else pairs[half:], classes[half:], *rule, **options)])
-
-
-def label_keys(label):
-    """The label classes of an image, ascending: int64 (n,)."""
-    return torch.nonzero(torch.as_tensor(label).reshape(-1))[:, 0]
-
-
-def no_label_arrays(size):
-    height, width = size
-    return {"keys": np.zeros(0, np.int64), "cam": np.zeros((0,) + strided_size((height, width)), np.float32),
-            "high_res": np.zeros((0, height, width), np.float32)}
-
-
-def group_advcam(model, images, args):
-    """The saved arrays (dict(keys, cam, high_res), make_cam's format) of several images of one size.
-
-    images: list of (msf_imgs, (H, W), label) with equal (H, W), hence equal sizes at every scale. At
-    each scale the class-runs of all the images form one batch (split further only on out-of-memory);
-    no padding is involved, so every run's numbers are those of running it alone.
-    """
-    device = next(model.parameters()).device
-    sizes = {(int(size[0]), int(size[1])) for _, size, _ in images}
-    if len(sizes) != 1:
-        raise ValueError(f"group_advcam needs images of one size, got {sorted(sizes)}")
-    keys = [label_keys(label) for _, _, label in images]
-    counts = [len(k) for k in keys]
-    owner = torch.repeat_interleave(torch.arange(len(images)), torch.tensor(counts)).to(device)
-    classes = torch.cat(keys)
-    multiplier = accumulation_multiplier(args.adv_iter)
-    scale_maps = [[] for _ in images]
-    if len(classes):
-        n_scales = len(images[0][0])
-        for position in scale_processing_order(n_scales):
-            n_iter = adv_iterations(args.adv_iter, position == REDUCED_SCALE_POSITION)
-            pairs = torch.stack([torch.as_tensor(msf[position]) for msf, _, _ in images]).to(device)
-            acc = advcam_regions_fitting_memory(model, pairs[owner], classes, n_iter, args.AD_coeff,
-                                                args.AD_stepsize, args.score_th,
-                                                amp=args.amp,
-                                                channels_last=args.channels_last)
-            for maps, part in zip(scale_maps, acc.split(counts)):
-                maps.append(part * multiplier)
-    (size,) = sizes
-    results = []
-    for k, maps in zip(keys, scale_maps):
-        if len(k) == 0:
-            results.append(no_label_arrays(size))
-            continue
-        cam, high_res = scale_maps_to_cam(maps, size)
-        results.append({"keys": k.numpy().astype(np.int64), "cam": cam.float().cpu().numpy(),
-                        "high_res": high_res.float().cpu().numpy()})
-    return results
-
-
-def image_advcam(model, msf_imgs, size, label, args):
-    """The saved arrays of one image: dict(keys, cam, high_res) in make_cam's format."""
-    return group_advcam(model, [(msf_imgs, size, label)], args)[0]
-
-
-# -------------------------------------------------------------------------------------------- I/O
 
 def advcam_path(out_dir, img_id):
-    return os.path.join(out_dir, img_id + ".npz")
+    return steptools.output_path(out_dir, img_id, ".npz")
 
 
-def weights_of(args):
-    """The classifier AdvCAM attacks (--make_advcam_from) and how to produce it if missing."""
-    if args.make_advcam_from == "id":
-        return args.cam_weights_name, "run train_cam (--train_cam_pass true) first"
-    return args.wood_weights_name, ("run train_wood (--train_wood_pass true) first, or use "
-                                    "--make_advcam_from id")
+def image_size(pack):
+    return int(pack["size"][0]), int(pack["size"][1])
 
 
 def load_attacked_model(args, weights, hint):
-    model = load_classifier(args, weights, cls=Net, hint=hint)
+    model = load_classifier(weights, args.backbone, args.backbone_width, args.device, "features", hint)
     for p in model.parameters():  # only input gradients are needed
         p.requires_grad_(False)
     if args.channels_last:
@@ -228,66 +36,36 @@ def load_attacked_model(args, weights, hint):
     return model
 
 
-def _write_group(model, packs, args):
-    images = [(pack["img"], pack["size"], pack["label"]) for pack in packs]
-    for pack, arrays in zip(packs, group_advcam(model, images, args)):
-        save_npz(advcam_path(args.advcam_out_dir, pack["name"]), **arrays)
+def setup(args, weights, hint, ids):
+    """A process's state: the attacked net and the images' MSF dataset."""
+    return {"model": load_attacked_model(args, weights, hint),
+            "dataset": VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales), "args": args}
 
 
-def _setup_worker(args, weights, hint, ids):
-    """The state of one pool process: its attacked net, dataset and the step's arguments."""
-    torch.set_num_threads(1)
-    return dict(model=load_attacked_model(args, weights, hint),
-                dataset=VOC12ClassificationDatasetMSF(ids, args.voc12_root, scales=args.cam_scales), args=args)
+def write(state, packs):
+    args = state["args"]
+    images = [(pack["img"], image_size(pack), pack["label"]) for pack in packs]
+    arrays = group_advcam(state["model"], images, args.adv_iter, args.AD_coeff, args.AD_stepsize, args.score_th,
+                          amp=args.amp, channels_last=args.channels_last)
+    for pack, saved in zip(packs, arrays):
+        save_npz(advcam_path(args.advcam_out_dir, pack["name"]), **saved)
 
 
-def _work_item(state, index):
-    _write_group(state["model"], [state["dataset"][index]], state["args"])
-
-
-def _run_pool(args, weights, hint, ids):
-    run_in_processes(len(ids), args.num_workers, _setup_worker, (args, weights, hint, ids), _work_item,
-                     "make_advcam")
-
-
-def _run_single(args, model, dataset, progress):
-    device = torch.device(args.device)
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda")
-    batch = args.advcam_batch
-    if batch < 1:
-        raise InputError(f"--advcam_batch must be at least 1 (images per batch), got {batch}")
-    groups = same_size_groups(loader, lambda pack: (int(pack["size"][0]), int(pack["size"][1])), batch)
-    for packs in groups:
-        _write_group(model, packs, args)
-        progress.update(len(packs))
-    progress.close()
+def provenance_inputs(args):
+    """What decides the AdvCAM files (misc/provenance.py)."""
+    return steptools.cam_inputs(args, args.make_advcam_from, *steptools.classifier_weights(args, "--make_advcam_from"),
+                                ADVCAM_FLAGS)
 
 
 def run(args):
-    weights, hint = weights_of(args)
+    weights, hint = steptools.classifier_weights(args, "--make_advcam_from")
     ids = load_img_name_list(args.voc12_root, args.infer_list)
-    inputs = provenance_inputs(args, args.make_advcam_from, weights, hint,
-                               ["adv_iter", "AD_coeff", "AD_stepsize", "score_th"])
-    dist.main_first(provenance.claim_folder, args.advcam_out_dir, "make_advcam", inputs, ".npz", args,
-                    "--advcam_out_dir")
-    todo, mine = dist.pending_shard(ids, lambda i: advcam_path(args.advcam_out_dir, i))
     order = [args.cam_scales[p] for p in scale_processing_order(len(args.cam_scales))]
-    print(f"make_advcam: {len(ids)} images of {args.infer_list}, {len(ids) - len(todo)} already in "
-          f"{args.advcam_out_dir}, weights {weights}, scales {order} (in this order), adv_iter {args.adv_iter}, "
-          f"AD_coeff {args.AD_coeff}, AD_stepsize {args.AD_stepsize}, score_th {args.score_th}, "
-          f"{args.advcam_batch} image(s) of one size per batch, amp {args.amp}"
-          f"{', channels_last' if args.channels_last else ''}, {dist.world()} process(es)")
-    if not mine:
-        return
-    # built here first so that bad weights or missing images fail at once, with a clear message
-    model = load_attacked_model(args, weights, hint)
-    dataset = VOC12ClassificationDatasetMSF(mine, args.voc12_root, scales=args.cam_scales)
-    os.makedirs(args.advcam_out_dir, exist_ok=True)
-    # under torchrun the ranks are the processes; without it, on CPU, a pool of --num_workers processes
-    if dist.world() == 1 and torch.device(args.device).type == "cpu" and args.num_workers > 1 and len(mine) > 1:
-        del model, dataset
-        _run_pool(args, weights, hint, mine)
-    else:
-        _run_single(args, model, dataset,
-                    dist.GlobalProgress([advcam_path(args.advcam_out_dir, i) for i in todo], "make_advcam"))
+    about = (f"; weights {weights}, scales {order} (in this order), adv_iter {args.adv_iter}, AD_coeff "
+             f"{args.AD_coeff}, AD_stepsize {args.AD_stepsize}, score_th {args.score_th}, {args.advcam_batch} "
+             f"image(s) of one size per batch, amp {args.amp}{', channels_last' if args.channels_last else ''}")
+    steptools.run_pending("make_advcam", ids, args.advcam_out_dir, ".npz",
+                          provenance_inputs(args), args,
+                          "--advcam_out_dir", setup, (args, weights, hint), write, about=about,
+                          n_processes=steptools.cpu_processes(args), num_workers=steptools.loader_workers(args),
+                          group_size=args.advcam_batch, size_of=image_size)

@@ -1,4 +1,4 @@
-"""Mine hard OoD images from a candidate pool (SPEC 4.2; the paper's procedure, not in the released code).
+"""Mine hard OoD images from a candidate pool (docs/method.md §4.2; the paper's procedure, not in the released code).
 
 The candidates (args.ood_pool_root / args.ood_pool_list) are images known to contain none of the
 classes. The ID classifier (args.cam_weights_name) scores each one, full image with its long side
@@ -11,6 +11,9 @@ Writes args.ood_list (paths relative to args.ood_pool_root, the --ood_root of tr
 <work_dir>/ood_contact.png (thumbnails of the kept images with score and class, for the human check;
 pages of CONTACT_PER_PAGE thumbnails: ood_contact.png, ood_contact_2.png, ...). An existing
 args.ood_list is never overwritten (it may be a released list): delete it to mine again.
+Also <work_dir>/ood_review.html (wood/review.py, docs/review.md): the human check as a static page, kept
+candidates and the args.review_below best below the threshold (greyed) with the CAM of their top class (one
+scale, 1.0), whose marks export the args.mine_exclude file.
 When the pool has a ToyVOC manifest (<ood_pool_root>/manifest.json, [{"path", "hard", "cue"}]) the
 step prints the precision and recall of the kept list against its "hard" flags.
 """
@@ -22,12 +25,14 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from misc import dist, imutils, provenance
+from misc import dist, imutils, provenance, steptools
 from misc.utils import InputError, atomic_path, require_file
-from net.resnet50_cam import Net, load_classifier
+from net.classifier import load_classifier
 from voc12.dataloader import CAT_LIST
 from wood.data import OoDFeatureDataset, load_ood_list
+from wood.mining import hard_ood_scores, mining_quality, select_hard_ood
 from wood.prototypes import checked_batches
+from wood.review import write_review_page
 
 MANIFEST = "manifest.json"
 SCORE_TABLE = "ood_scores.tsv"
@@ -36,48 +41,6 @@ CONTACT_THUMB = 128        # thumbnail box (px)
 CONTACT_COLUMNS = 10
 CONTACT_PER_PAGE = 100
 CONTACT_TEXT_HEIGHT = 14   # caption strip under each thumbnail (px)
-
-
-# ------------------------------------------------------------------------------------------ maths
-
-def hard_ood_scores(logits):
-    """(score (N,), top class (N,)) = max and arg-max over the classes of sigmoid(logits (N, C))."""
-    probs = torch.sigmoid(logits)
-    score, top = probs.max(dim=1)
-    return score, top
-
-
-def select_hard_ood(scores, threshold, excluded, max_keep=None):
-    """Indices of the kept candidates, highest score first (ties keep list order), and a reason per
-    candidate: "kept", "below_threshold" (score <= threshold), "excluded" or "over_cap".
-
-    scores: sequence of N floats; excluded: N booleans (listed in the exclusion file).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")
-    reasons = ["below_threshold"] * len(scores)
-    kept = []
-    for i in order:
-        if not scores[i] > threshold:
-            continue
-        if excluded[i]:
-            reasons[i] = "excluded"
-        elif max_keep is not None and len(kept) >= max_keep:
-            reasons[i] = "over_cap"
-        else:
-            kept.append(int(i))
-            reasons[i] = "kept"
-    return kept, reasons
-
-
-def mining_quality(kept_paths, manifest):
-    """Precision / recall of the kept paths against a manifest [{"path", "hard", ...}] of the pool."""
-    hard = {e["path"] for e in manifest if e["hard"]}
-    kept = set(kept_paths)
-    true_pos = len(kept & hard)
-    return {"kept": len(kept), "hard": len(hard), "true_positives": true_pos,
-            "precision": true_pos / len(kept) if kept else float("nan"),
-            "recall": true_pos / len(hard) if hard else float("nan")}
 
 
 # -------------------------------------------------------------------------------------------- I/O
@@ -169,20 +132,19 @@ def provenance_inputs(args):
                                                                         "train_cam (--train_cam_pass true) first"),
             "candidates": provenance.input_file(args.ood_pool_list, "the candidate OoD list (--ood_pool_list)"),
             "exclusions": provenance.file_digest(args.mine_exclude),
-            **provenance.flag_values(args, ["backbone_width", "ood_long_side", "mine_th", "mine_max_keep"])}
+            **provenance.flag_values(args, ["ood_pool_root", "backbone_width", "ood_long_side", "mine_th", "mine_max_keep"]),
+            **provenance.non_default_flags(args, {"backbone": "resnet50"})}
 
 
 def run(args):
     # a released list needs no candidate pool: its inputs are computed only to compare with a record
-    kept = provenance.file_up_to_date(args.ood_list, "mine_ood", lambda: provenance_inputs(args), args, "--ood_list")
-    if kept:
-        print(f"mine_ood: {args.ood_list} exists; keeping it ({kept})")
+    if steptools.keep_existing(args.ood_list, "mine_ood", lambda: provenance_inputs(args), args, "--ood_list"):
         return
     inputs = provenance_inputs(args)
     device = torch.device(args.device)
     paths = load_ood_list(args.ood_pool_root, args.ood_pool_list)
     excluded = read_exclusions(args.mine_exclude, paths)
-    model = load_classifier(args, args.cam_weights_name, cls=Net)
+    model = load_classifier(args.cam_weights_name, args.backbone, args.backbone_width, args.device, "features")
     dataset = OoDFeatureDataset(args.ood_pool_root, paths, long_side=args.ood_long_side)
     score, top = hard_ood_scores(score_candidates(model, dataset, device, args.num_workers))
     score, top = score.tolist(), top.tolist()
@@ -193,8 +155,16 @@ def run(args):
     write_score_table(os.path.join(args.work_dir, SCORE_TABLE), paths, score, top, reasons)
     n_hard = sum(s > args.mine_th for s in score)
     print(f"mine_ood: {len(paths)} candidates, {n_hard} with max p > {args.mine_th}, "
-          f"{sum(r == 'excluded' for r in reasons)} excluded, {len(kept)} kept "
+          f"{sum(r == 'excluded' for r in reasons)} excluded"
+          + (f" (listed in {args.mine_exclude})" if args.mine_exclude else "") + f", {len(kept)} kept "
           f"(score table {os.path.join(args.work_dir, SCORE_TABLE)})")
+    # before the no-candidate check: the page also shows the best ones below the threshold. Its overlays need
+    # the CAM forward of the same weights (a "cam" net); a hand-made namespace (a test's) shows kept ones only
+    cam_model = load_classifier(args.cam_weights_name, args.backbone, args.backbone_width, args.device, "cam")
+    page = write_review_page(args, cam_model, paths, score, top, reasons, excluded,
+                             getattr(args, "review_below", 0))
+    print(f"mine_ood: review page {page} (open it in a browser: mark, export the --mine_exclude file; "
+          f"docs/review.md)")
     if not kept:
         raise InputError(f"mine_ood kept no candidate of {args.ood_pool_list}: the ID classifier "
                          f"{args.cam_weights_name} is fooled by none (max p > --mine_th {args.mine_th}) "

@@ -1,7 +1,7 @@
-"""Train the in-distribution classifier (SPEC 4.1), IRN's step/train_cam.py.
+"""Train the in-distribution classifier (docs/method.md §4.1), IRN's step/train_cam.py.
 
 train_aug with the classification training recipe (random resize-long, flip, random crop),
-multilabel soft-margin loss, PolyOptimizer (backbone lr x1, classifier lr x10, SPEC 3). After each
+multilabel soft-margin loss, PolyOptimizer (backbone lr x1, classifier lr x10, docs/method.md §3). After each
 epoch the same loss on the val list (top-left crop). The state dict is saved atomically at the end;
 the step is the unit of resumption: if the weights file exists and its provenance record
 (misc/provenance.py) matches the flags, it is kept and training is skipped.
@@ -11,45 +11,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc.torchutils import make_poly_optimizer, precision_context, require_finite
-from misc import dist, provenance
+from misc import dist, provenance, steptools
+from misc.torchutils import make_poly_optimizer, require_finite
 from misc.utils import InputError
-from net.resnet50_cam import PARAM_GROUP_LR_MULT, new_id_classifier
+from net.classifier import build_classifier
+from net.resnet50_cam import PARAM_GROUP_LR_MULT
 from voc12.dataloader import VOC12ClassificationDataset, load_img_name_list
 
 
 def classification_loss(logits, labels):
     return F.multilabel_soft_margin_loss(logits, labels)
-
-
-def validation_loss(model, loader, device):
-    """Mean per-image loss over the whole loader, in eval mode (restores train mode after). Under torchrun
-    every rank scores its rows of each batch and the sums are added."""
-    model.eval()
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    with torch.inference_mode():
-        for pack in loader:
-            images, labels = dist.rows(pack["img"]), dist.rows(pack["label"])
-            if labels.size(0):
-                logits = model(images.to(device))
-                total += classification_loss(logits, labels.to(device)).double().cpu() * labels.size(0)
-            count += pack["label"].size(0)
-    model.train()
-    return float(dist.total(total)) / max(count, 1)
-
-
-def training_step(model, optimizer, pack, device, loss_of, what, amp="none"):
-    """One update on the global batch `pack` (dict of batch tensors): this rank's slice of it, its share of
-    the loss (`loss_of(model, slice) / world`, under `amp` autocast), gradients summed over the ranks. Returns
-    the global loss (tensor) for the caller's finiteness check and logging; the caller calls optimizer.step()."""
-    dist.require_same(pack["img"], what)
-    local = {k: dist.batch_slice(v).to(device, non_blocking=True) for k, v in pack.items() if torch.is_tensor(v)}
-    with precision_context(device, amp):
-        share = loss_of(model, local) / dist.world()
-    optimizer.zero_grad()
-    share.backward()
-    dist.sum_gradients(model.parameters())
-    return dist.total(share.detach())
 
 
 def _suspects(args):
@@ -63,14 +34,12 @@ def provenance_inputs(args):
             **provenance.flag_values(args, ["backbone_width", "cam_batch_size", "cam_num_epoches", "cam_learning_rate",
                                             "cam_weight_decay", "cam_crop_size", "cam_resize_long", "real_momentum",
                                             "seed"]),
-            **provenance.non_default_flags(args, {"train_amp": "none"})}
+            **provenance.non_default_flags(args, {"train_amp": "none", "backbone": "resnet50"})}
 
 
 def run(args):
     inputs = provenance_inputs(args)
-    kept = provenance.file_up_to_date(args.cam_weights_name, "train_cam", inputs, args, "--cam_weights_name")
-    if kept:
-        print(f"train_cam: {args.cam_weights_name} exists; keeping it ({kept})")
+    if steptools.keep_existing(args.cam_weights_name, "train_cam", inputs, args, "--cam_weights_name"):
         return
     device = torch.device(args.device)
     dist.per_rank(args.cam_batch_size, "--cam_batch_size")
@@ -90,7 +59,7 @@ def run(args):
     val_loader = DataLoader(val_dataset, batch_size=args.cam_batch_size, shuffle=False,
                             num_workers=args.num_workers, pin_memory=pin)
 
-    model = new_id_classifier(args).to(device)
+    model = build_classifier(args.backbone, args.backbone_width, args.pretrained, "train_id").to(device)
     optimizer = make_poly_optimizer(zip(model.id_param_groups(), PARAM_GROUP_LR_MULT), args.cam_learning_rate,
                                     args.cam_weight_decay, max_step, args.real_momentum)
     print(f"train_cam: {len(train_dataset)} images, {steps_per_epoch} steps x {args.cam_num_epoches} epochs, "
@@ -101,17 +70,16 @@ def run(args):
         bar = tqdm(train_loader, desc=f"train_cam epoch {epoch + 1}/{args.cam_num_epoches}", unit="batch")
         epoch_loss = 0.0
         for step, pack in enumerate(bar, 1):
-            loss = training_step(model, optimizer, pack, device,
+            loss = steptools.training_step(model, optimizer, pack, device,
                                  lambda net, batch: classification_loss(net(batch["img"]), batch["label"]),
                                  f"batch {step} of epoch {epoch + 1}", args.train_amp)
             require_finite("train_cam", epoch + 1, step, _suspects(args), loss, model.parameters())
             optimizer.step()
             epoch_loss += loss.item()
             bar.set_postfix(loss=f"{epoch_loss / step:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        val = validation_loss(model, val_loader, device)
+        val = steptools.validation_loss(model, val_loader, device, classification_loss)
         print(f"train_cam epoch {epoch + 1}/{args.cam_num_epoches}: train loss {epoch_loss / steps_per_epoch:.4f}, "
               f"val loss {val:.4f}")
-    require_finite("train_cam", args.cam_num_epoches, None, _suspects(args), state_dict=model.state_dict())
-    if dist.is_main():
-        provenance.save_weights(args.cam_weights_name, model.state_dict(), "train_cam", inputs)
-    print(f"train_cam: saved {args.cam_weights_name}")
+        steptools.check_epoch("train_cam", epoch + 1, _suspects(args), model, val)
+    steptools.save_trained(args.cam_weights_name, model.state_dict(), "train_cam", inputs, _suspects(args),
+                           args.cam_num_epoches)

@@ -1,11 +1,11 @@
-"""Train the inter-pixel relation network (SPEC 5.2), IRN's step/train_irn.py.
+"""Train the inter-pixel relation network (docs/method.md §5.2), IRN's step/train_irn.py.
 
 Affinity training on args.train_list with the IR labels of args.ir_label_out_dir (cam_to_ir_label):
 random_scale(0.5, 1.5), flip, random crop of args.irn_crop_size, labels on the stride-4 grid, pairs
-within args.irn_radius. Poly SGD (SPEC 3): boundary branch lr x1, displacement branch lr x10.
+within args.irn_radius. Poly SGD (docs/method.md §3): boundary branch lr x1, displacement branch lr x10.
 Afterwards the mean displacement over args.infer_list (top-left crops, whole batches only) becomes
-the mean-shift vector. Saves the state dict atomically to args.irn_weights_name; skipped when that
-file exists.
+the mean-shift vector. Saves the state dict to args.irn_weights_name with its provenance record; a file
+made by the same inputs is kept and the step skipped.
 """
 import os
 
@@ -13,14 +13,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc import dist, indexing, provenance
+from misc import dist, indexing, provenance, steptools
 from misc.torchutils import make_poly_optimizer, precision_context, require_finite
-from misc.utils import InputError, require_dir
+from misc.utils import InputError
 from net.resnet50_irn import FEATURE_STRIDE, PARAM_GROUP_LR_MULT, new_training_module
 from voc12.affinity import VOC12AffinityDataset
 from voc12.dataloader import VOC12ImageDataset, load_img_name_list
 
-SCALE_RANGE = (0.5, 1.5)  # random_scale of the affinity recipe (SPEC 1.2)
+SCALE_RANGE = (0.5, 1.5)  # random_scale of the affinity recipe (docs/method.md §1.2)
 EPS = 1e-5
 INPUT_MULTIPLE = 16  # the network's output stride: crops must be multiples of it
 
@@ -30,7 +30,7 @@ def _whole(count):
 
 
 def irn_losses(pos_aff_loss, neg_aff_loss, dp_fg_loss, dp_bg_loss, bg_pos, fg_pos, neg, whole_batch=_whole):
-    """SPEC 5.2's losses from the per-pair terms of AffinityDisplacementLoss and the affinity labels.
+    """docs/method.md §5.2's losses from the per-pair terms of AffinityDisplacementLoss and the affinity labels.
 
     Returns a dict: bg_pos, fg_pos, pos, neg, dp_fg, dp_bg and total
     = (pos + neg) / 2 + (dp_fg + dp_bg) / 2 (0-d tensors). The denominators are pair counts over the batch:
@@ -74,18 +74,6 @@ def _check_args(args):
                          f"{2 * rf * FEATURE_STRIDE} px, or lower the radius")
 
 
-def _require_ir_labels(args):
-    """IR labels for every training image (cam_to_ir_label writes them for its --infer_list)."""
-    require_dir(args.ir_label_out_dir, "the IR labels <id>.png of cam_to_ir_label (set --ir_label_out_dir)")
-    ids = load_img_name_list(args.voc12_root, args.train_list)
-    missing = [i for i in ids if not os.path.isfile(os.path.join(args.ir_label_out_dir, i + ".png"))]
-    if missing:
-        raise InputError(f"{len(missing)} of {len(ids)} IR label PNG(s) of --train_list missing from "
-                         f"{args.ir_label_out_dir}, e.g. {missing[0]}.png: cam_to_ir_label writes labels for its "
-                         f"--infer_list, which must cover --train_list ({args.train_list}); run it with "
-                         f"--infer_list {args.train_list}")
-
-
 def _suspects(args):
     return {"--irn_learning_rate": args.irn_learning_rate, "--irn_weight_decay": args.irn_weight_decay}
 
@@ -100,14 +88,14 @@ def provenance_inputs(args):
             **provenance.flag_values(args, ["backbone_width", "irn_crop_size", "irn_batch_size", "irn_num_epoches",
                                             "irn_learning_rate", "irn_weight_decay", "irn_radius", "real_momentum",
                                             "seed"]),
-            **provenance.non_default_flags(args, {"train_amp": "none"})}
+            **provenance.non_default_flags(args, {"train_amp": "none"}),
+            # "backbone" above is the weights' digest: the --backbone flag is recorded as "backbone_arch"
+            **{"backbone_arch": arch for arch in provenance.non_default_flags(args, {"backbone": "resnet50"}).values()}}
 
 
 def run(args):
     inputs = provenance_inputs(args)
-    kept = provenance.file_up_to_date(args.irn_weights_name, "train_irn", inputs, args, "--irn_weights_name")
-    if kept:
-        print(f"train_irn: {args.irn_weights_name} exists; keeping it ({kept})")
+    if steptools.keep_existing(args.irn_weights_name, "train_irn", inputs, args, "--irn_weights_name"):
         return
     _check_args(args)
     dist.per_rank(args.irn_batch_size, "--irn_batch_size")
@@ -115,7 +103,9 @@ def run(args):
     grid = args.irn_crop_size // FEATURE_STRIDE
     path_index = indexing.PathIndex(radius=args.irn_radius, default_size=(grid, grid))
 
-    _require_ir_labels(args)
+    steptools.require_files(args.ir_label_out_dir, load_img_name_list(args.voc12_root, args.train_list), ".png",
+                            "IR labels of --train_list", "cam_to_ir_label writes labels for its --infer_list, "
+                            f"which must cover --train_list: run it with --infer_list {args.train_list}")
     train_dataset = VOC12AffinityDataset(args.train_list, label_dir=args.ir_label_out_dir,
                                          crop_size=args.irn_crop_size, voc12_root=args.voc12_root,
                                          indices_from=path_index.src_indices,
@@ -134,7 +124,8 @@ def run(args):
                               num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
     max_step = (len(train_dataset) // args.irn_batch_size) * args.irn_num_epoches
 
-    model = new_training_module(args, path_index)
+    model = new_training_module(path_index, args.backbone, args.backbone_width, args.pretrained,
+                                args.cam_weights_name)
     edge_params, dp_params = model.trainable_parameters()
     optimizer = make_poly_optimizer([(edge_params, PARAM_GROUP_LR_MULT[0]), (dp_params, PARAM_GROUP_LR_MULT[1])],
                                     lr=args.irn_learning_rate, weight_decay=args.irn_weight_decay,
@@ -167,6 +158,7 @@ def run(args):
         progress.close()
         print(f"train_irn: epoch {epoch + 1} step {optimizer.global_step}/{max_step} "
               + " ".join(f"{k}={v / max(count, 1):.4f}" for k, v in sums.items()))
+        steptools.check_epoch("train_irn", epoch + 1, _suspects(args), model)
 
     infer_loader = DataLoader(infer_dataset, batch_size=args.irn_batch_size, shuffle=False,
                               num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
@@ -174,8 +166,5 @@ def run(args):
     # clone: a normal tensor, not an inference-mode one
     model.mean_shift.running_mean = mean_displacement(model, infer_loader, device).clone().to(device)
     print(f"train_irn: mean displacement {model.mean_shift.running_mean.tolist()}")
-    require_finite("train_irn", args.irn_num_epoches, None, _suspects(args), state_dict=model.state_dict())
-    if dist.is_main():
-            provenance.save_weights(args.irn_weights_name, {k: v.cpu() for k, v in model.state_dict().items()},
-                                "train_irn", inputs)
-    print(f"train_irn: saved {args.irn_weights_name}")
+    steptools.save_trained(args.irn_weights_name, model.state_dict(), "train_irn", inputs, _suspects(args),
+                           args.irn_num_epoches)

@@ -1,4 +1,4 @@
-"""W-OoD fine-tuning (SPEC 4.3): the ID classifier learns to tell the classes from hard OoD images.
+"""W-OoD fine-tuning (docs/method.md §4.3): the ID classifier learns to tell the classes from hard OoD images.
 
 Starts from the ID classifier (args.cam_weights_name). Before training, with those weights in eval
 mode: the class prototypes (mean GAP(stage4) feature per class over args.train_list, full images)
@@ -28,18 +28,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import torch.nn.functional as F
+
+from misc import dist, provenance, steptools
+from misc.cam import cam_maps, keep_label_classes
+from misc.metrics import accumulated_sweep, best_threshold, sweep_thresholds
 from misc.torchutils import make_poly_optimizer, precision_context, require_finite, train_only
-from misc import dist, provenance
 from misc.utils import InputError, save_npz
-from net.resnet50_cam import CAM, PARAM_GROUP_LR_MULT, Net, load_classifier
-from step.eval_cam import accumulated_sweep, best_threshold, sweep_thresholds
-from step.make_cam import cam_maps, keep_label_classes
-from step.train_cam import validation_loss
+from net.classifier import build_classifier, load_classifier
+from net.resnet50_cam import PARAM_GROUP_LR_MULT
+from wood import losses
 from voc12.dataloader import (VOC12ClassificationDataset, VOC12ClassificationDatasetMSF, load_gt,
                               load_img_name_list)
 from wood.data import OoDClassificationDataset, load_ood_list
-from wood.losses import (anti_adversarial_ood_step, classification_loss, distance_loss, ood_negative_loss,
-                         prototype_distances)
 from wood.prototypes import checked_batches, id_prototypes, ood_prototypes
 
 SELECT_FROM_FRACTION = 3 / 4   # checkpoint selection runs in the last quarter of the last epoch
@@ -47,35 +48,6 @@ PROTOTYPES_FILE = "wood_prototypes.npz"
 
 
 # ------------------------------------------------------------------------------------------ maths
-
-def wood_terms(model, img, label, ood_img, prototypes, args):
-    """The three loss terms of SPEC 4.3 (unweighted tensors: "cls", "dist", "ood") for one ID batch and one
-    OoD batch, and what they came from ("features": GAP(stage4) of the ID batch, "logits", "ood_logits": of
-    the anti-adversarial OoD batch). `prototypes` is (C + K, D): the C class prototypes, then the K OoD ones.
-    """
-    n_classes = label.shape[1]
-    logits, features = model.feature_list(img)
-    distances = prototype_distances(features[-1], prototypes)
-    # under torchrun img / ood_img are this rank's slices: the batch-wide statistics come from all ranks
-    ood_logits = model(anti_adversarial_ood_step(model, ood_img, args.ood_adv_step, dist.maximum, dist.minimum))
-    terms = {"cls": classification_loss(logits, label),
-             "dist": distance_loss(distances, label, n_classes, prototypes.shape[0] - n_classes, args.ood_dist_topk,
-                                   whole_batch=dist.gather_rows),
-             "ood": ood_negative_loss(ood_logits, args.ood_mask_class, img.shape[0])}
-    return terms, {"features": features[-1], "logits": logits, "ood_logits": ood_logits}
-
-
-def weighted_terms(terms, args):
-    """Each term times its weight (SPEC 4.3 step 6): their sum is the loss."""
-    return {"cls": terms["cls"], "dist": args.distance_lambda * terms["dist"], "ood": args.ood_coeff * terms["ood"]}
-
-
-def wood_loss(model, img, label, ood_img, prototypes, args):
-    """The loss of SPEC 4.3 step 6 and its unweighted parts (floats)."""
-    terms, _ = wood_terms(model, img, label, ood_img, prototypes, args)
-    loss = sum(weighted_terms(terms, args).values())
-    return loss, {k: v.item() for k, v in terms.items()}
-
 
 def global_mean(loss, parts):
     """The global batch's loss (tensor) and parts (floats) from the ranks' values on their equal slices."""
@@ -113,8 +85,7 @@ class CheckpointSelector:
         self.dataset = VOC12ClassificationDatasetMSF(dist.shard(self.ids), args.voc12_root, scales=args.select_scales)
         for img_id in self.ids[:1]:
             load_gt(args.voc12_root, img_id)  # fail now, not after the first epochs, without ground truth
-        self.cam_model = CAM(pretrained="none", width=args.backbone_width, frozen_bn=True,
-                             detach_stage2=False).to(device).eval()
+        self.cam_model = build_classifier(args.backbone, args.backbone_width, "none", "cam").to(device).eval()
         self.best = None      # (miou, threshold, tag)
         self.best_state = None
         self.history = []
@@ -147,8 +118,9 @@ class CheckpointSelector:
 
 def compute_prototypes(model, args, device, ood_paths):
     """(C + K, D) prototype matrix with the starting weights (eval mode); also saved for inspection."""
-    ood = ood_prototypes(model, args, device, ood_paths)
-    ids = id_prototypes(model, args, device)
+    ood = ood_prototypes(model, device, ood_paths, args.ood_root, args.ood_long_side, args.cluster_K,
+                         args.kmeans_iter, args.num_workers)
+    ids = id_prototypes(model, device, args.train_list, args.voc12_root, args.num_workers)
     dist.require_same(torch.cat([ids, ood]), "the prototypes")
     if dist.is_main():
         save_npz(os.path.join(args.work_dir, PROTOTYPES_FILE), id=ids.numpy(), ood=ood.numpy())
@@ -170,21 +142,19 @@ def provenance_inputs(args):
             "train_list": provenance.list_digest(load_img_name_list(args.voc12_root, args.train_list)),
             "chainer_eval_set": provenance.list_digest(load_img_name_list(args.voc12_root, args.chainer_eval_set)),
             **provenance.flag_values(args, [
+                "ood_root",
                 "backbone_width", "cam_crop_size", "cam_resize_long", "ood_long_side", "wood_batch_size",
                 "ood_batch_size", "wood_num_epoches", "wood_learning_rate", "wood_weight_decay", "cluster_K",
                 "kmeans_iter", "distance_lambda", "ood_dist_topk", "ood_coeff", "ood_adv_step", "ood_mask_class",
                 "select_by_gt", "select_scales", "select_eval_thres", "select_every", "select_accumulate",
                 "select_before_update", "wood_empty_cluster",
                 "real_momentum", "seed"]),
-            **provenance.non_default_flags(args, {"train_amp": "none"})}
+            **provenance.non_default_flags(args, {"train_amp": "none", "backbone": "resnet50"})}
 
 
 def run(args):
     inputs = provenance_inputs(args)
-    kept = provenance.file_up_to_date(args.wood_weights_name, "train_wood", inputs, args,
-                                  "--wood_weights_name")
-    if kept:
-        print(f"train_wood: {args.wood_weights_name} exists; keeping it ({kept})")
+    if steptools.keep_existing(args.wood_weights_name, "train_wood", inputs, args, "--wood_weights_name"):
         return
     device = torch.device(args.device)
     dist.per_rank(args.wood_batch_size, "--wood_batch_size")
@@ -207,7 +177,9 @@ def run(args):
     max_step = steps_per_epoch * args.wood_num_epoches
     selector = CheckpointSelector(args, device) if args.select_by_gt else None
 
-    model = load_classifier(args, args.cam_weights_name, cls=Net)
+    constants = losses.WoodConstants(args.ood_adv_step, args.ood_dist_topk, args.ood_mask_class,
+                                     args.distance_lambda, args.ood_coeff)
+    model = load_classifier(args.cam_weights_name, args.backbone, args.backbone_width, args.device, "features")
     prototypes = compute_prototypes(model, args, device, ood_paths)
 
     pin = device.type == "cuda"
@@ -241,7 +213,7 @@ def run(args):
             label = dist.batch_slice(pack["label"]).to(device, non_blocking=True)
             ood_img = dist.batch_slice(ood_batch).to(device, non_blocking=True)
             with precision_context(device, args.train_amp):
-                loss, parts = wood_loss(model, img, label, ood_img, prototypes, args)
+                loss, parts = losses.wood_loss(model, img, label, ood_img, prototypes, constants)
             optimizer.zero_grad()  # also clears what the anti-adversarial step would leave
             (loss / dist.world()).backward()  # this rank's share of the global batch's loss
             dist.sum_gradients(model.parameters())
@@ -255,9 +227,11 @@ def run(args):
             if due and not args.select_before_update:
                 selector.offer(model, f"epoch {epoch + 1} step {step}, after its update")
                 model.train()
-        val = validation_loss(model, val_loader, device)
+        # scored as train_cam scores its validation (the release's multilabel soft margin)
+        val = steptools.validation_loss(model, val_loader, device, F.multilabel_soft_margin_loss)
         means = " ".join(f"{k} {v / steps_per_epoch:.4f}" for k, v in sums.items())
         print(f"train_wood epoch {epoch + 1}/{args.wood_num_epoches}: train {means}; val loss {val:.4f}")
+        steptools.check_epoch("train_wood", epoch + 1, _suspects(args), model, val)
 
     if selector is None:
         state = model.state_dict()
@@ -268,7 +242,5 @@ def run(args):
         state = selector.best_state
         print(f"train_wood: selected the weights of {tag} (CAM mIoU {100 * miou:.2f} at threshold {threshold} "
               f"on {args.chainer_eval_set}, ground truth used) among {len(selector.history)} evaluations")
-    require_finite("train_wood", args.wood_num_epoches, None, _suspects(args), state_dict=state)
-    if dist.is_main():
-        provenance.save_weights(args.wood_weights_name, state, "train_wood", inputs)
-    print(f"train_wood: saved {args.wood_weights_name}")
+    steptools.save_trained(args.wood_weights_name, state, "train_wood", inputs, _suspects(args),
+                           args.wood_num_epoches)

@@ -1,4 +1,4 @@
-"""A tiny fake PASCAL VOC 2012 folder for tests (the layout of SPEC 1.1, a few small images).
+"""A tiny fake PASCAL VOC 2012 folder for tests (the layout of docs/method.md §1.1, a few small images).
 
     from fakevoc import make_fake_voc
     info = make_fake_voc(tmp_path / "VOC2012", n_train=4, n_val=2, size=64, seed=0)
@@ -6,7 +6,8 @@
 Each image shows one or two classes (of the first `n_classes` VOC classes) as coloured rectangles on a
 noisy background; the ground truth marks them with `class + 1`, a 1-pixel void (255) border around each
 object, and background 0. Written: JPEGImages/<id>.jpg, Annotations/<id>.xml, SegmentationClass/<id>.png
-(palette PNG), SegmentationClassAug/<id>.png (single-channel PNG) for every id, and
+(palette PNG), SegmentationObject/<id>.png (palette PNG: object k of the image is k, background 0, the
+same void border 255), SegmentationClassAug/<id>.png (single-channel PNG) for every id, and
 ImageSets/Segmentation/{train,val,trainval}.txt. `n_aug_only` extra ids have only an Aug label, so
 `train_aug` = train + those ids. Images are `size x size` unless `sizes` gives a list of (H, W) that is
 cycled over the images (to test non-square, non-multiple-of-16 shapes).
@@ -40,9 +41,10 @@ def _xml(img_id, h, w, objects):
 
 
 def _draw(rng, h, w, classes):
-    """An RGB uint8 image and its ground truth for the given class indices."""
+    """An RGB uint8 image, its ground truth and its object map (VOC's SegmentationObject) for the classes."""
     img = rng.integers(0, 60, size=(h, w, 3)).astype(np.int32) + 40
     gt = np.zeros((h, w), np.uint8)
+    instances = np.zeros((h, w), np.uint8)
     objects = []
     for cls in classes:
         bh, bw = int(rng.integers(h // 4, h // 2 + 1)), int(rng.integers(w // 4, w // 2 + 1))
@@ -52,13 +54,15 @@ def _draw(rng, h, w, classes):
         img[y0:y1, x0:x1] = colour + rng.integers(-10, 11, size=(bh, bw, 3))
         gt[y0 - 1:y1 + 1, x0 - 1:x1 + 1] = 255  # void border, overwritten inside by the object
         gt[y0:y1, x0:x1] = cls + 1
+        instances[y0 - 1:y1 + 1, x0 - 1:x1 + 1] = 255
+        instances[y0:y1, x0:x1] = len(objects) + 1
         objects.append((cls, (y0, x0, y1, x1)))
-    return np.clip(img, 0, 255).astype(np.uint8), gt, objects
+    return np.clip(img, 0, 255).astype(np.uint8), gt, instances, objects
 
 
 def make_fake_voc(root, n_train=4, n_val=2, size=64, seed=0, n_aug_only=2, n_classes=3, sizes=None):
     root = os.fspath(root)
-    for sub in ["JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug",
+    for sub in ["JPEGImages", "Annotations", "SegmentationClass", "SegmentationObject", "SegmentationClassAug",
                 os.path.join("ImageSets", "Segmentation")]:
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -71,7 +75,7 @@ def make_fake_voc(root, n_train=4, n_val=2, size=64, seed=0, n_aug_only=2, n_cla
         h, w = sizes[k % len(sizes)] if sizes else (size, size)
         n_obj = 1 + int(rng.integers(0, 2))
         classes = sorted(rng.choice(n_classes, size=min(n_obj, n_classes), replace=False).tolist())
-        img, gt, objects = _draw(rng, h, w, classes)
+        img, gt, instances, objects = _draw(rng, h, w, classes)
         Image.fromarray(img).save(os.path.join(root, "JPEGImages", img_id + ".jpg"), quality=95)
         with open(os.path.join(root, "Annotations", img_id + ".xml"), "w") as f:
             f.write(_xml(img_id, h, w, objects))
@@ -79,6 +83,9 @@ def make_fake_voc(root, n_train=4, n_val=2, size=64, seed=0, n_aug_only=2, n_cla
         pimg.putdata(gt.reshape(-1).tolist())
         pimg.putpalette(palette)
         pimg.save(os.path.join(root, "SegmentationClass", img_id + ".png"))
+        objects_png = Image.fromarray(instances)
+        objects_png.putpalette(palette)  # "L" -> "P", as VOC's palette PNGs
+        objects_png.save(os.path.join(root, "SegmentationObject", img_id + ".png"))
         Image.fromarray(gt).save(os.path.join(root, "SegmentationClassAug", img_id + ".png"))
         label = np.zeros(len(CAT_LIST), np.float32)
         label[classes] = 1
@@ -109,6 +116,18 @@ def driver_args(work_dir=None, **values):
     work_dir = work_dir or os.path.join(os.devnull, "no-outputs")
     args = run_sample.parse_args(["--device", "cpu", "--work_dir", str(work_dir)])
     return argparse.Namespace(**{**vars(args), **values})
+
+
+def advcam_rule(args):
+    """The positional constants of misc.advcam.group_advcam / image_advcam, from a driver namespace."""
+    return args.adv_iter, args.AD_coeff, args.AD_stepsize, args.score_th
+
+
+def wood_constants(args):
+    """wood.losses.WoodConstants from a driver namespace."""
+    from wood.losses import WoodConstants
+    return WoodConstants(args.ood_adv_step, args.ood_dist_topk, args.ood_mask_class, args.distance_lambda,
+                         args.ood_coeff)
 
 
 # A tiny ToyVOC (toy.toyvoc flags) and the driver flags of a tiny whole run on it (test_cuda, test_distributed)

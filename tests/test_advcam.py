@@ -1,4 +1,4 @@
-"""step/make_advcam.py: the batched AdvCAM equals the literal per-image, per-scale, per-class loop of SPEC 4.6
+"""step/make_advcam.py: the batched AdvCAM equals the literal per-image, per-scale, per-class loop of docs/method.md §4.6
 (bench/advcam_speed.py's `literal_image_advcam`, the baseline of the speed bench)."""
 import argparse
 import os
@@ -8,14 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import run_sample
 from bench.advcam_speed import literal_class_run, literal_image_advcam
-from fakevoc import driver_args
+from fakevoc import advcam_rule, driver_args
 from misc.batching import same_size_groups
 from misc.utils import InputError, load_npz, save_torch
 from net.resnet50_cam import Net
+from misc import advcam
 from step import make_advcam
-from step.make_advcam import (accumulation_multiplier, adv_iterations, advcam_regions, image_advcam,
-                              scale_processing_order)
+from misc.advcam import (accumulation_multiplier, adv_iterations, advcam_regions, image_advcam,
+                         scale_processing_order)
 from voc12.dataloader import VOC12ClassificationDatasetMSF
 
 torch.set_num_threads(1)  # the test machine's 2 cores are shared: more threads only contend
@@ -67,7 +69,7 @@ def test_image_advcam_equals_literal_per_class_per_scale(model64):
     label = torch.zeros(20)
     label[[2, 5]] = 1
     args = driver_args(adv_iter=12)
-    got = image_advcam(model64, msf, (height, width), label, args)
+    got = image_advcam(model64, msf, (height, width), label, *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
     assert got["keys"].tolist() == [2, 5] and got["keys"].dtype == np.int64
     assert got["cam"].shape == (2, 13, 15) and got["high_res"].shape == (2, height, width)
     cam, high_res = literal_image_advcam(model64, msf, (height, width), [2, 5], 12, 7.0, 0.08, 0.5)
@@ -100,8 +102,8 @@ def test_several_images_in_one_batch_equal_the_literal_loop(model64):
     imgs = [torch.randn(3, *size, generator=g, dtype=torch.float64) for _ in range(3)]
     labels = labels_of([1, 9], [], [9])
     args = driver_args(adv_iter=7)
-    got = make_advcam.group_advcam(model64, [(msf_of(img, (1.0, 0.5)), size, label)
-                                             for img, label in zip(imgs, labels)], args)
+    got = advcam.group_advcam(model64, [(msf_of(img, (1.0, 0.5)), size, label)
+                                             for img, label in zip(imgs, labels)], *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
     assert [r["keys"].tolist() for r in got] == [[1, 9], [], [9]]
     assert got[1]["cam"].shape == (0, 10, 13) and got[1]["high_res"].shape == (0, 40, 52)
     for img, label, result in zip(imgs, labels, got):
@@ -113,8 +115,8 @@ def test_several_images_in_one_batch_equal_the_literal_loop(model64):
         np.testing.assert_allclose(result["cam"], cam.numpy().astype(np.float32), rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(result["high_res"], high_res.numpy().astype(np.float32), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="one size"):
-        make_advcam.group_advcam(model64, [(msf_of(imgs[0], (1.0,)), size, labels[0]),
-                                           (msf_of(imgs[0][:, :32], (1.0,)), (32, 52), labels[0])], args)
+        advcam.group_advcam(model64, [(msf_of(imgs[0], (1.0,)), size, labels[0]),
+                                           (msf_of(imgs[0][:, :32], (1.0,)), (32, 52), labels[0])], *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def test_float32_batch_channels_last_and_bf16_against_the_literal_loop(model32):
     for amp, channels_last in [("none", False), ("none", True), ("bf16", False)]:
         args = driver_args(adv_iter=5, amp=amp, channels_last=channels_last)
         net = model32.to(memory_format=torch.channels_last) if channels_last else model32
-        got = make_advcam.group_advcam(net, images, args)
+        got = advcam.group_advcam(net, images, *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
         model32.to(memory_format=torch.contiguous_format)
         for result, (cam, high_res) in zip(got, literal):
             for name, expected in (("cam", cam), ("high_res", high_res)):
@@ -172,7 +174,7 @@ def test_same_size_groups():
 def test_image_without_labels(model64):
     args = driver_args(adv_iter=3)
     got = image_advcam(model64, [pair_of(torch.zeros(3, 20, 24, dtype=torch.float64))], (20, 24), torch.zeros(20),
-                       args)
+                       *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
     assert got["keys"].shape == (0,) and got["cam"].shape == (0, 5, 6) and got["high_res"].shape == (0, 20, 24)
 
 
@@ -207,7 +209,7 @@ def test_run_writes_make_cam_format_resumes_and_pool_equals_single(advcam_args, 
         assert saved["keys"].tolist() == np.nonzero(fake_voc["labels"][img_id])[0].tolist()
         assert saved["cam"].dtype == np.float32 and saved["high_res"].shape[1:] == (64, 64)
         pack = dataset[i]
-        expected = image_advcam(model, pack["img"], pack["size"], pack["label"], args)
+        expected = image_advcam(model, pack["img"], pack["size"], pack["label"], *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
         for key in saved:
             np.testing.assert_array_equal(saved[key], expected[key])
     # resume: existing outputs are skipped
@@ -225,10 +227,9 @@ def test_run_writes_make_cam_format_resumes_and_pool_equals_single(advcam_args, 
     assert_same_files(args.advcam_out_dir, pooled.advcam_out_dir, fake_voc["train"], atol=1e-7)
 
 
-def test_run_rejects_a_batch_below_one(advcam_args):
-    advcam_args.advcam_batch = 0
-    with pytest.raises(InputError, match="--advcam_batch must be at least 1"):
-        make_advcam.run(advcam_args)
+def test_the_driver_rejects_a_batch_below_one():
+    with pytest.raises(InputError, match="--advcam_batch 0: must be an integer >= 1"):
+        run_sample.parse_args(["--device", "cpu", "--advcam_batch", "0"])
 
 
 def test_run_missing_weights(advcam_args):
@@ -249,7 +250,7 @@ def test_out_of_memory_splits_the_classes(model64, monkeypatch):
         if len(classes) > 1:
             raise torch.OutOfMemoryError("fake")
         return advcam_regions(model, pair, classes, *rule)
-    monkeypatch.setattr(make_advcam, "advcam_regions", small_device)
-    got = make_advcam.advcam_regions_fitting_memory(model64, pair, classes, 2, 7.0, 0.08, 0.5)
+    monkeypatch.setattr(advcam, "advcam_regions", small_device)
+    got = advcam.advcam_regions_fitting_memory(model64, pair, classes, 2, 7.0, 0.08, 0.5)
     assert calls == [3, 1, 2, 1, 1]
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -1,5 +1,3 @@
-import argparse
-
 import pytest
 import torch
 import torch.nn as nn
@@ -7,8 +5,8 @@ import torch.nn.functional as F
 
 from misc.utils import InputError, save_torch
 from net import resnet50 as resnet50_module
-from net.resnet50_cam import (CAM, Net, backbone_stage_map, canonical_key, load_cam_state, load_classifier,
-                              new_id_classifier)
+from net.classifier import build_classifier, load_classifier
+from net.resnet50_cam import CAM, Net, backbone_stage_map, canonical_key, load_cam_state
 
 WIDTH = 8
 
@@ -102,7 +100,7 @@ def test_both_released_alias_layouts_give_the_cams_of_our_own_checkpoint(layout,
     torch.manual_seed(0)
     released = _randomise_bn(OriginalStyleNet(layout)).eval()
     state = released.state_dict()
-    if layout == "wood":  # SPEC 2.2: backbone.0.0 = stage3.0 = resnet50.layer3, backbone.1.0 = layer4
+    if layout == "wood":  # docs/method.md §2.2: backbone.0.0 = stage3.0 = resnet50.layer3, backbone.1.0 = layer4
         assert torch.equal(state["backbone.0.0.0.conv1.weight"], state["resnet50.layer3.0.conv1.weight"])
         assert torch.equal(state["backbone.1.0.2.bn3.bias"], state["resnet50.layer4.2.bn3.bias"])
         assert not any(k.startswith(("backbone.2.", "backbone.3.")) for k in state)
@@ -211,8 +209,7 @@ def test_param_groups_paper_recipe():
 
 
 def test_from_scratch_trains_everything():
-    args = argparse.Namespace(pretrained="none", backbone_width=WIDTH)
-    model = new_id_classifier(args)
+    model = build_classifier("resnet50", WIDTH, "none", "train_id")
     assert not model.detach_stage2
     assert isinstance(model.stage2[0][0].bn1, nn.BatchNorm2d)
     assert not isinstance(model.stage2[0][0].bn1, resnet50_module.FixedBatchNorm)
@@ -250,12 +247,11 @@ def test_load_classifier(tmp_path):
     trained = _randomise_bn(Net(width=WIDTH, frozen_bn=False, detach_stage2=False, train_stem=True))
     path = str(tmp_path / "cam.pth")
     save_torch(path, trained.state_dict())
-    args = argparse.Namespace(backbone_width=WIDTH, device="cpu")
-    model = load_classifier(args, path)
+    model = load_classifier(path, "resnet50", WIDTH, "cpu", "cam")
     assert isinstance(model, CAM) and not model.training and not model.detach_stage2
     assert isinstance(model.stage3[0][0].bn1, resnet50_module.FixedBatchNorm)
     x = _pair()
     with torch.no_grad():
         assert torch.allclose(Net.forward(model, x), trained.eval()(x), atol=1e-6)
     with pytest.raises(InputError, match="run train_cam"):
-        load_classifier(args, str(tmp_path / "nope.pth"))
+        load_classifier(str(tmp_path / "nope.pth"), "resnet50", WIDTH, "cpu", "cam")

@@ -1,4 +1,4 @@
-"""DeepLab-v2 (SPEC 8): layouts that load, MSC outputs, a wrong file's message."""
+"""DeepLab-v2 (docs/method.md §8): layouts that load, MSC outputs, a wrong file's message."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ def _deeplab_state(prefix="", with_aspp=True, seed=0):
 
 def test_deeplab_pytorch_layout_has_its_key_names_and_count():
     keys = MSC(DeepLabV2(21, (3, 4, 23, 3), 64)).state_dict().keys()
-    assert len(keys) == 632  # SPEC 8: DeepLabV2_ResNet101_MSC
+    assert len(keys) == 632  # docs/method.md §8: DeepLabV2_ResNet101_MSC
     for k in ["base.layer1.conv1.conv.weight", "base.layer1.conv1.bn.running_mean",
               "base.layer2.block1.reduce.conv.weight", "base.layer2.block1.conv3x3.bn.weight",
               "base.layer2.block1.increase.conv.weight", "base.layer2.block1.shortcut.conv.weight",

@@ -1,4 +1,4 @@
-"""step/eval_sem_seg.py (SPEC 5.4): 255 predictions are background; summary.json entry; missing files."""
+"""step/eval_sem_seg.py (docs/method.md §5.4): 255 predictions are background; summary.json entry; missing files."""
 import argparse
 import json
 import os
@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from misc import metrics
 from misc.utils import InputError, save_png
 from step import eval_sem_seg
 
@@ -53,13 +54,13 @@ def test_255_counts_as_background_and_summary_entry(tmp_path):
     assert entries[0]["miou"] == round(expected * 100, 2)
     assert entries[0]["iou"]["background"] is not None
 
-    result = eval_sem_seg.evaluate(args.sem_seg_out_dir, voc["root"], voc["train"])
+    result = metrics.score_label_folder(args.sem_seg_out_dir, voc["root"], voc["train"], unsure_as_background=True)
     assert abs(result["miou"] - expected) < 1e-12
     # counting 255 as an ignored label instead would change the number
     # ignoring the unsure pixels instead would score higher: they are really counted as background
     ignored = [(p, np.where(raw == 255, 255, g)) for (p, g), raw in zip(pairs, raw_preds)]
     assert literal_miou(ignored) > expected + 1e-3
-    assert eval_sem_seg.prediction_as_label(np.array([[255, 3], [0, 255]])).tolist() == [[0, 3], [0, 0]]
+    assert metrics.prediction_as_label(np.array([[255, 3], [0, 255]])).tolist() == [[0, 3], [0, 0]]
 
     eval_sem_seg.run(_args(tmp_path, voc, eval_name="irn_masks"))
     with open(os.path.join(args.work_dir, "summary.json")) as f:
@@ -74,8 +75,8 @@ def test_missing_predictions_are_named(tmp_path):
         eval_sem_seg.run(args)
     first = voc["train"][0]
     save_png(os.path.join(args.sem_seg_out_dir, first + ".png"), voc["gt"][first])
-    with pytest.raises(InputError, match=f"2 of 3 prediction.*{args.sem_seg_out_dir}: {voc['train'][1]}, "
-                                         f"{voc['train'][2]}"):
+    with pytest.raises(InputError, match=f"2 of the 3 pseudo masks .* missing from {args.sem_seg_out_dir} "
+                                         rf"\({voc['train'][1]}.png, {voc['train'][2]}.png\)"):
         eval_sem_seg.run(args)
     for img_id in voc["train"][1:]:
         save_png(os.path.join(args.sem_seg_out_dir, img_id + ".png"), np.zeros((5, 5), np.uint8))

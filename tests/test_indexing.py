@@ -1,4 +1,4 @@
-"""misc/indexing.py against literal python loops over pixels and directions (SPEC 5.2, 5.3)."""
+"""misc/indexing.py against literal python loops over pixels and directions (docs/method.md §5.2, 5.3)."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Confident IR labels (SPEC 5.1): misc/crf.py and step/cam_to_ir_label.py."""
+"""Confident IR labels (docs/method.md §5.1): misc/crf.py and step/cam_to_ir_label.py."""
 import argparse
 import os
 
@@ -134,7 +134,8 @@ def test_run_names_bad_inputs(tmp_path):
         c2ir.run(args)
     _write_cams(args, voc, voc["train"][:1])
     missing = os.path.join(args.ir_label_cam_dir, voc["train"][1] + ".npz")
-    with pytest.raises(InputError, match=missing):
+    with pytest.raises(InputError, match=f"1 of the 2 CAM files of --infer_list missing from {args.ir_label_cam_dir} "
+                                         rf"\({voc['train'][1]}.npz\)"):
         c2ir.run(args)
     _write_cams(args, voc, voc["train"])
     bad = missing

@@ -1,11 +1,10 @@
-"""net/resnet50_irn.py, voc12/affinity.py and step/train_irn.py (SPEC 2.3, 5.2)."""
+"""net/resnet50_irn.py, voc12/affinity.py and step/train_irn.py (docs/method.md §2.3, §5.2)."""
 import argparse
 import os
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from misc import imutils, indexing
 from misc.utils import InputError, save_png, save_torch
@@ -42,7 +41,7 @@ def test_shapes_channels_and_frozen_backbone():
     assert [t.shape[2] for t in (x1, x2, x3, x4, x5)] == [16, 16, 8, 4, 4]
     edge, disp = net(x)
     assert edge.shape == (2, 1, 16, 16) and disp.shape == (2, 2, 16, 16)
-    # head widths are the SPEC's at any backbone width
+    # head widths are docs/method.md §2.3's at any backbone width
     assert net.fc_edge1[0].weight.shape == (32, WIDTH, 1, 1) and net.fc_edge6.weight.shape == (1, 160, 1, 1)
     assert net.fc_dp6[0].weight.shape == (256, 768, 1, 1) and net.fc_dp7[0].weight.shape == (256, 448, 1, 1)
     assert net.fc_dp7[3].weight.shape == (2, 256, 1, 1) and net.fc_dp7[3].bias is None
@@ -164,8 +163,7 @@ def test_backbone_from_the_id_classifier(tmp_path):
     cam = _randomise(resnet50_cam.Net(pretrained="none", width=WIDTH, frozen_bn=False), seed=5)
     path = str(tmp_path / "cam.pth")
     save_torch(path, cam.state_dict())
-    args = argparse.Namespace(pretrained="none", backbone_width=WIDTH, cam_weights_name=path)
-    model = irn.new_training_module(args, indexing.PathIndex(5, (16, 16)))
+    model = irn.new_training_module(indexing.PathIndex(5, (16, 16)), "resnet50", WIDTH, "none", path)
     r = model.resnet50
     for ours, theirs in [(r.conv1, cam.stage1[0]), (r.bn1, cam.stage1[1]), (r.layer1, cam.stage1[4]),
                          (r.layer2, cam.stage2[0]), (r.layer3, cam.stage3[0]), (r.layer4, cam.stage4[0])]:
@@ -179,9 +177,8 @@ def test_backbone_from_the_id_classifier(tmp_path):
         x5 = model.backbone_features(x)[4]
         assert torch.allclose(x5, cam_frozen.stage4_features(x), atol=1e-5)
     with pytest.raises(InputError, match="absent.pth"):
-        irn.new_training_module(argparse.Namespace(pretrained="none", backbone_width=WIDTH,
-                                                   cam_weights_name=str(tmp_path / "absent.pth")),
-                                indexing.PathIndex(5, (16, 16)))
+        irn.new_training_module(indexing.PathIndex(5, (16, 16)), "resnet50", WIDTH, "none",
+                                str(tmp_path / "absent.pth"))
 
 
 @pytest.mark.parametrize("radius", [3, 5])
@@ -274,7 +271,8 @@ def _train_args(tmp_path, voc, **kw):
     args = dict(voc12_root=voc["root"], train_list="train_aug", infer_list="train",
                 ir_label_out_dir=str(tmp_path / "ir"), irn_crop_size=64, irn_batch_size=2, irn_num_epoches=1,
                 irn_learning_rate=0.1, irn_weight_decay=1e-4, irn_radius=5, train_amp="none",
-                irn_weights_name=str(tmp_path / "sess" / "irn.pth"), pretrained="none", backbone_width=WIDTH,
+                irn_weights_name=str(tmp_path / "sess" / "irn.pth"), pretrained="none", backbone="resnet50",
+                backbone_width=WIDTH,
                 cam_weights_name=str(tmp_path / "cam.pth"), device="cpu", num_workers=0, real_momentum=None)
     args.update(kw)
     return argparse.Namespace(**args)
@@ -295,7 +293,8 @@ def test_train_irn_end_to_end(tmp_path):
     assert os.path.isfile(args.irn_weights_name)
 
     torch.manual_seed(0)
-    initial = irn.new_training_module(args, indexing.PathIndex(5, (16, 16))).state_dict()
+    initial = irn.new_training_module(indexing.PathIndex(5, (16, 16)), args.backbone, args.backbone_width,
+                                      args.pretrained, args.cam_weights_name).state_dict()
     trained = torch.load(args.irn_weights_name, weights_only=True)
     assert set(trained) == set(initial)
     for k, v in initial.items():
@@ -316,8 +315,7 @@ def test_train_irn_end_to_end(tmp_path):
     assert saved_mean.abs().sum() > 0
     assert torch.allclose(saved_mean, torch.stack(means).mean(0), atol=1e-5)
     # loadable for inference
-    infer = irn.load_edge_displacement(argparse.Namespace(irn_weights_name=args.irn_weights_name,
-                                                         irn_crop_size=64, backbone_width=WIDTH, device="cpu"))
+    infer = irn.load_edge_displacement(args.irn_weights_name, "resnet50", WIDTH, 64, "cpu")
     assert torch.equal(infer.mean_shift.running_mean, saved_mean)
 
     # skipped when the weights exist
@@ -336,7 +334,7 @@ def test_train_irn_input_errors(tmp_path):
         train_irn.run(_train_args(tmp_path, voc, irn_radius=10))
     args = _train_args(tmp_path, voc)
     _ir_labels(voc, voc["train"], args.ir_label_out_dir)  # aug-only id has no IR label
-    with pytest.raises(InputError, match=f"1 of 3 IR label PNG.*{voc['aug_only'][0]}.png.*--infer_list train_aug"):
+    with pytest.raises(InputError, match=f"1 of the 3 IR labels.*{voc['aug_only'][0]}.png.*--infer_list train_aug"):
         train_irn.run(args)
     _ir_labels(voc, voc["aug_only"], args.ir_label_out_dir)
     with pytest.raises(InputError, match="fewer than one batch"):

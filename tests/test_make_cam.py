@@ -14,6 +14,8 @@ from misc.metrics import cam_to_label, confusion_matrix, scores
 from misc.torchutils import frozen_cpu_graph
 from misc.utils import InputError, load_npz, save_npz, save_torch
 from net.resnet50_cam import CAM
+from misc import cam as cam_maths
+from misc import metrics
 from step import eval_cam, make_cam
 
 WIDTH = 8
@@ -40,7 +42,7 @@ def setup(tmp_path_factory):
 
 
 def literal_cam(model, voc12_root, img_id, label, scales):
-    """SPEC 4.4 followed literally: one image, one scale at a time, the CAM formula of SPEC 2.2."""
+    """docs/method.md §4.4 followed literally: one image, one scale at a time, the CAM formula of docs/method.md §2.2."""
     img = imutils.read_rgb(os.path.join(voc12_root, "JPEGImages", img_id + ".jpg"))
     H, W = img.shape[:2]
     strided_size = ((H - 1) // 4 + 1, (W - 1) // 4 + 1)
@@ -84,7 +86,7 @@ def test_batched_equals_literal_loop(setup):
 
 def test_pure_functions():
     maps = [torch.rand(2, 3, 4), torch.rand(2, 6, 8)]
-    strided, high_res = make_cam.accumulate_scale_maps(maps, (45, 50))
+    strided, high_res = cam_maths.accumulate_scale_maps(maps, (45, 50))
     assert strided.shape == (2, 12, 13) and high_res.shape == (2, 45, 50)
     up = F.interpolate(maps[1][None], (48, 64), mode="bilinear", align_corners=False)[0]
     up0 = F.interpolate(maps[0][None], (48, 64), mode="bilinear", align_corners=False)[0]
@@ -92,12 +94,12 @@ def test_pure_functions():
     label = np.zeros(20, np.float32)
     label[[4, 1]] = 1
     full = torch.rand(20, 12, 13), torch.rand(20, 45, 50)
-    keys, cam, hr = make_cam.keep_label_classes(*full, label)
+    keys, cam, hr = cam_maths.keep_label_classes(*full, label)
     assert keys.tolist() == [1, 4]
     assert torch.allclose(cam[1], full[0][4] / (full[0][4].max() + 1e-5))
-    cam2, hr2 = make_cam.scale_maps_to_cam(maps, (45, 50))
-    assert torch.allclose(hr2, make_cam.normalise_per_class(high_res))
-    assert make_cam.strided_up_size((45, 50)) == (48, 64) and make_cam.strided_size((45, 50)) == (12, 13)
+    cam2, hr2 = cam_maths.scale_maps_to_cam(maps, (45, 50))
+    assert torch.allclose(hr2, cam_maths.normalise_per_class(high_res))
+    assert cam_maths.strided_up_size((45, 50)) == (48, 64) and cam_maths.strided_size((45, 50)) == (12, 13)
 
 
 def test_resume_skips_existing(setup):
@@ -177,9 +179,9 @@ def test_labels_for_thresholds_equal_cam_to_label_with_ties():
         high_res = (rng.integers(0, 5, size=(3, 9, 11)) / 4).astype(dtype)  # many exact ties
         keys = np.array([2, 5, 19])
         thresholds = [0.0, 0.25, 0.5, 0.1, 1.0]
-        for t, pred in zip(thresholds, eval_cam.labels_for_thresholds(high_res, keys, thresholds)):
+        for t, pred in zip(thresholds, metrics.labels_for_thresholds(high_res, keys, thresholds)):
             np.testing.assert_array_equal(pred, cam_to_label(high_res, keys, t))
-    empty = eval_cam.labels_for_thresholds(np.zeros((0, 4, 5), np.float32), np.zeros(0, np.int64), [0.1])
+    empty = metrics.labels_for_thresholds(np.zeros((0, 4, 5), np.float32), np.zeros(0, np.int64), [0.1])
     np.testing.assert_array_equal(empty[0], cam_to_label(np.zeros((0, 4, 5), np.float32), [], 0.1))
 
 
@@ -190,7 +192,7 @@ def test_sweep_equals_direct_metric(setup):
         cam = load_npz(os.path.join(args.cam_out_dir, img_id + ".npz"))
         items.append((cam["high_res"], cam["keys"], info["gt"][img_id]))
     thresholds = args.cam_eval_thres
-    sweep = eval_cam.sweep_thresholds(iter(items), thresholds)
+    sweep = metrics.sweep_thresholds(iter(items), thresholds)
     assert list(sweep) == thresholds
     mious = []
     for t in thresholds:
@@ -203,7 +205,7 @@ def test_sweep_equals_direct_metric(setup):
 
 
 def test_accumulated_sweep_is_the_released_selection_rule():
-    """The released eval_cam_sub: preds / labels created once before the threshold loop (SPEC 4.3 (a))."""
+    """The released eval_cam_sub: preds / labels created once before the threshold loop (docs/method.md §4.3 (a))."""
     yy, xx = np.mgrid[:24, :24]
     items = []
     for cy, cx, cls in ((12, 12, 2), (8, 14, 6), (15, 9, 2)):
@@ -220,11 +222,11 @@ def test_accumulated_sweep_is_the_released_selection_rule():
             preds.append(cam_to_label(high_res, keys, t))
             labels.append(gt)
         released.append(scores(confusion_matrix(preds, labels, 21))["miou"])
-    independent = [s["miou"] for s in eval_cam.sweep_thresholds(iter(items), thresholds).values()]
+    independent = [s["miou"] for s in metrics.sweep_thresholds(iter(items), thresholds).values()]
     assert independent == sorted(independent) and independent[0] < independent[-1]  # rises with t
-    accumulated = eval_cam.accumulated_sweep(iter(items), thresholds)
+    accumulated = metrics.accumulated_sweep(iter(items), thresholds)
     assert [s["miou"] for s in accumulated.values()] == pytest.approx(released, abs=1e-12)
-    best_t, best = eval_cam.best_threshold(accumulated)
+    best_t, best = metrics.best_threshold(accumulated)
     assert best["miou"] == pytest.approx(max(released), abs=1e-12) and best_t == thresholds[int(np.argmax(released))]
     assert best["miou"] < max(independent) - 0.01  # the two rules do differ here
 
@@ -291,5 +293,5 @@ def test_group_cam_needs_one_size(setup):
     _, model, _ = setup
     label = np.eye(20, dtype=np.float32)[3]
     with pytest.raises(ValueError, match="one size"):
-        make_cam.group_cam(model, [([np.zeros((2, 3, 32, 32), np.float32)], (32, 32), label),
+        cam_maths.group_cam(model, [([np.zeros((2, 3, 32, 32), np.float32)], (32, 32), label),
                                    ([np.zeros((2, 3, 16, 32), np.float32)], (16, 32), label)], torch.device("cpu"))

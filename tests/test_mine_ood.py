@@ -11,7 +11,7 @@ from PIL import Image
 from misc.utils import InputError, save_torch
 from net.resnet50_cam import Net
 from step import mine_ood
-from step.mine_ood import hard_ood_scores, mining_quality, select_hard_ood
+from wood.mining import hard_ood_scores, mining_quality, select_hard_ood
 from voc12.dataloader import CAT_LIST
 from wood.data import OoDFeatureDataset
 
@@ -62,7 +62,8 @@ def pool(tmp_path):
         net.classifier.weight.mul_(0.1)  # scores between 0 and 1, not saturated
     weights = tmp_path / "cam.pth"
     save_torch(str(weights), net.state_dict())
-    args = argparse.Namespace(device="cpu", num_workers=0, work_dir=str(tmp_path / "work"), backbone_width=8,
+    args = argparse.Namespace(device="cpu", num_workers=0, work_dir=str(tmp_path / "work"), backbone="resnet50",
+                              backbone_width=8,
                               cam_weights_name=str(weights), ood_pool_root=str(root),
                               ood_pool_list=str(tmp_path / "candidates.txt"), ood_root=str(root),
                               ood_list=str(tmp_path / "work" / "ood_list.txt"), ood_long_side=32,

@@ -1,5 +1,4 @@
 """wood/prototypes.py: class prototypes and K-means against literal loops; feature extraction I/O."""
-import argparse
 
 import numpy as np
 import pytest
@@ -138,11 +137,10 @@ def test_extract_features_and_ood_prototypes(ood_folder):
         assert tuple(img.shape[1:]) == (round(height * scale), round(30 * scale)) and max(img.shape[1:]) == 24
         expected = torch.cat([img.mean(dim=(1, 2)), img.amax(dim=(1, 2))])
         assert torch.allclose(feats[i], expected, atol=1e-6)
-    args = argparse.Namespace(ood_root=root, ood_long_side=24, cluster_K=3, kmeans_iter=4, num_workers=0)
-    assert torch.allclose(ood_prototypes(model, args, "cpu", names), kmeans(feats, 3, 4))
-    args.cluster_K = 6
+    prototypes_k3 = ood_prototypes(model, "cpu", names, root, long_side=24, K=3, n_iter=4, num_workers=0)
+    assert torch.allclose(prototypes_k3, kmeans(feats, 3, 4))
     with pytest.raises(InputError, match="fewer OoD images than K"):
-        ood_prototypes(model, args, "cpu", names)
+        ood_prototypes(model, "cpu", names, root, long_side=24, K=6, n_iter=4, num_workers=0)
 
 
 def test_unreadable_image_is_a_clean_input_error_even_from_a_worker(ood_folder):

@@ -1,4 +1,4 @@
-"""Random walk (SPEC 5.3): the sparse walk equals the dense formulation; make_sem_seg_labels end to end."""
+"""Random walk (docs/method.md §5.3): the sparse walk equals the dense formulation; make_sem_seg_labels end to end."""
 import argparse
 import os
 
@@ -13,12 +13,12 @@ from net.resnet50_irn import EdgeDisplacement
 from step import make_sem_seg_labels as msl
 from test_indexing import literal_walk_affinity
 
-# float32 products accumulate rounding over 2^8 steps (TOY-NOTES 5: ~7e-5 of the maximum)
+# float32 products accumulate rounding over 2^8 steps (measured: ~7e-5 of the maximum)
 REL_TOL = 3e-4
 
 
 def literal_walk(seeds, boundary, radius, beta, exp_times):
-    """SPEC 5.3 in float64 numpy: A by loops, T = column-normalised A ** beta, X @ T^(2^exp_times)."""
+    """docs/method.md §5.3 in float64 numpy: A by loops, T = column-normalised A ** beta, X @ T^(2^exp_times)."""
     n, h, w = seeds.shape
     a = np.eye(h * w)
     for (p, q), v in literal_walk_affinity(boundary, radius).items():
@@ -54,7 +54,7 @@ def test_sparse_walk_equals_dense_walk(size, n, radius, beta, exp_times):
     assert scale > 0
     assert (sparse - dense).abs().max().item() <= REL_TOL * scale
     assert np.array_equal(_labels(sparse.numpy()), _labels(dense.numpy()))
-    if size[0] * size[1] <= 160:  # both against the SPEC's formula in float64 (small maps: n^3 work)
+    if size[0] * size[1] <= 160:  # both against the method's formula in float64 (small maps: n^3 work)
         literal = literal_walk(seeds.double().numpy(), boundary.double().numpy(), radius, beta, exp_times)
         np.testing.assert_allclose(dense.numpy(), literal, rtol=0, atol=REL_TOL * scale)
         np.testing.assert_allclose(sparse.numpy(), literal, rtol=0, atol=REL_TOL * scale)
@@ -100,7 +100,7 @@ def test_walk_to_label_matches_the_literal_rule():
     rng = np.random.default_rng(0)
     walked = rng.random((2, 5, 7)).astype(np.float32) ** 3
     keys = np.array([4, 11])
-    pred = msl.walk_to_label(torch.from_numpy(walked), keys, (18, 25), 0.22)
+    pred = indexing.walk_to_label(torch.from_numpy(walked), keys, (18, 25), 0.22)
     up = np.stack([bilinear_up(m.astype(np.float64), 4)[:18, :25] for m in walked])
     up = up / up.max()
     index = np.argmax(np.concatenate([np.full((1, 18, 25), 0.22), up]), axis=0)
@@ -110,9 +110,9 @@ def test_walk_to_label_matches_the_literal_rule():
     assert set(np.unique(pred)) == {0, 5, 12}
     # ties go to the background; no key: all background
     flat = torch.ones(1, 3, 3)
-    assert (msl.walk_to_label(flat, [2], (12, 12), 1.0) == 0).all()
-    assert (msl.walk_to_label(flat, [2], (12, 12), 0.99) == 3).all()
-    assert (msl.walk_to_label(torch.zeros(0, 3, 3), [], (10, 9), 0.2) == 0).all()
+    assert (indexing.walk_to_label(flat, [2], (12, 12), 1.0) == 0).all()
+    assert (indexing.walk_to_label(flat, [2], (12, 12), 0.99) == 3).all()
+    assert (indexing.walk_to_label(torch.zeros(0, 3, 3), [], (10, 9), 0.2) == 0).all()
 
 
 # ------------------------------------------------------------------------------------- end to end
@@ -120,7 +120,8 @@ def test_walk_to_label_matches_the_literal_rule():
 def _args(tmp_path, voc, **kw):
     args = dict(voc12_root=voc["root"], infer_list="train", sem_seg_cam_dir=str(tmp_path / "cams"),
                 sem_seg_out_dir=str(tmp_path / "pseudo_mask"), irn_weights_name=str(tmp_path / "irn.pth"),
-                irn_crop_size=64, backbone_width=8, device="cpu", num_workers=0, rw_radius=5, beta=10,
+                irn_crop_size=64, backbone="resnet50", backbone_width=8, device="cpu", num_workers=0,
+                rw_radius=5, beta=10,
                 exp_times=8, np_power=1.5, sem_seg_bg_thres=0.22)
     args.update(kw)
     return argparse.Namespace(**args)
@@ -159,7 +160,7 @@ def test_make_sem_seg_labels_end_to_end(tmp_path):
             boundary, _ = model(torch.from_numpy(np.stack([img, img[:, :, ::-1].copy()])))
         seeds = np.load(os.path.join(args.sem_seg_cam_dir, img_id + ".npz"))
         dense = indexing.dense_random_walk(torch.from_numpy(seeds["cam"] ** 1.5), boundary, 5, 10, 8)
-        expected = msl.walk_to_label(dense, seeds["keys"], pred.shape, 0.22)
+        expected = indexing.walk_to_label(dense, seeds["keys"], pred.shape, 0.22)
         assert (pred == expected).mean() > 0.999
         assert set(np.unique(pred)) <= {0} | set((seeds["keys"] + 1).tolist())
 

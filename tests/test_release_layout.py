@@ -12,7 +12,7 @@ import run_sample
 from step import mine_ood, train_cam
 from tests.fakevoc import make_fake_voc
 from tests.test_cam_net import WIDTH, OriginalStyleNet
-from net.resnet50_cam import CAM, load_classifier
+from net.classifier import load_classifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def test_release_files_at_their_places_are_used(tmp_path, monkeypatch, capsys):
     assert "sess/res50_cam_orig.pth.pth exists; keeping it (no provenance record" in capsys.readouterr().out
     mine_ood.run(args)
     assert "WOoD_dataset/openimages/ood_list.txt exists; keeping it (no provenance record" in capsys.readouterr().out
-    model = load_classifier(args, args.cam_weights_name, cls=CAM)
+    model = load_classifier(args.cam_weights_name, args.backbone, args.backbone_width, args.device, "cam")
     x = torch.randn(2, 3, 48, 40)
     with torch.no_grad():
         assert torch.equal(model(x), released.cam(x))

@@ -52,7 +52,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         generate(tmp_path / name, seed=seed)
         trees[name] = all_files(tmp_path / name)
     first, again, other = trees["a"], trees["again"], trees["b"]
-    assert len(first) == 8 * 4 + 5 + 3 + 1 + 8 * 2 + 2  # jpg/xml/aug/cue, 5 palette GT, 3 lists, json; ood + cue
+    # jpg/xml/aug/cue, 5 palette GT and 5 object PNGs, 3 lists, json; ood + cue
+    assert len(first) == 8 * 4 + 5 + 5 + 3 + 1 + 8 * 2 + 2
     assert sorted(first) == sorted(again)
     assert all(first[k] == again[k] for k in first)
     assert sorted(other) == sorted(first)
@@ -73,6 +74,7 @@ def test_voc_layout_and_splits(tiny):
     assert sorted(os.listdir(os.path.join(voc, "Annotations"))) == [i + ".xml" for i in aug]
     assert sorted(os.listdir(os.path.join(voc, "CueMasks"))) == [i + ".png" for i in aug]
     assert sorted(os.listdir(os.path.join(voc, "SegmentationClass"))) == sorted(i + ".png" for i in train + val)
+    assert sorted(os.listdir(os.path.join(voc, "SegmentationObject"))) == sorted(i + ".png" for i in train + val)
     with open(os.path.join(voc, "toyvoc.json")) as f:
         meta = json.load(f)
     assert meta["complete"] is True and meta["parameters"]["seed"] == 0
@@ -93,6 +95,27 @@ def test_label_pngs_palette_and_values(tiny):
         jpg = Image.open(os.path.join(voc, "JPEGImages", img_id + ".jpg"))
         assert jpg.mode == "RGB" and jpg.size == seg.size and max(jpg.size) == 64
         assert set(np.unique(np.array(seg)).tolist()) <= {0, 255} | OBJECT_VALUES
+
+
+def test_object_pngs_in_voc_instance_format(tiny):
+    """SegmentationObject: palette PNG, objects 1..N, 0 where the class map is 0, 255 exactly where it is 255;
+    every object lies on one class, one object per XML object; read back as chainercv does."""
+    from misc.instance_eval import load_instance_gt
+    args, _ = tiny
+    voc = args.out
+    for img_id in read_list(voc, "trainval"):
+        png = Image.open(os.path.join(voc, "SegmentationObject", img_id + ".png"))
+        assert png.mode == "P" and np.array_equal(np.array(png.getpalette(), np.uint8).reshape(-1, 3)[:256],
+                                                  palette_voc())
+        objects, gt = np.array(png), np.array(Image.open(os.path.join(voc, "SegmentationClass", img_id + ".png")))
+        assert np.array_equal(objects == 255, gt == 255) and np.array_equal(objects == 0, gt == 0)
+        names = [o.findtext("name") for o in ET.parse(os.path.join(voc, "Annotations", img_id + ".xml")).getroot()
+                 .findall("object")]
+        assert sorted(set(np.unique(objects).tolist()) - {0, 255}) == list(range(1, len(names) + 1))
+        masks, labels = load_instance_gt(voc, img_id)
+        assert [toyvoc.CAT_LIST[k] for k in labels] == names   # object k is the k-th drawn, as in the XML
+        for mask, label in zip(masks, labels):
+            assert (gt[mask] == label + 1).all()
 
 
 def test_xml_matches_segmentation(tiny):

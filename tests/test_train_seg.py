@@ -1,4 +1,4 @@
-"""train_seg (SPEC 8): augmentation, the MSC loss, parameter groups, the poly rule, resume, the finite check."""
+"""train_seg (docs/method.md §8): augmentation, the MSC loss, parameter groups, the poly rule, resume, the finite check."""
 import os
 import random
 import shutil
@@ -12,8 +12,10 @@ import run_sample
 from fakevoc import make_fake_voc
 from misc.utils import InputError, load_torch
 from net.deeplab_v2 import deeplab_v2
+from misc import imutils
 from step import train_seg
-from step.train_seg import MEAN_BGR, augment, msc_loss, param_groups, poly_lr
+from net.deeplab_v2 import MEAN_BGR, msc_loss, param_groups, poly_lr
+from voc12.segmentation import augment
 
 
 def pytorch_poly_lrs(base_lr, iter_max, power, step_size, updates):
@@ -54,8 +56,8 @@ def test_augment_draws_in_deeplab_pytorchs_order():
     r = random.Random(5)
     s = r.choice((0.5, 1.5))
     h, w = int(50 * s), int(60 * s)
-    lab = np.asarray(train_seg.resize_label_nearest(label, (h, w)), np.int64)
-    img = train_seg.resize_bilinear(image, (h, w))
+    lab = np.asarray(imutils.resize_label_nearest(label, (h, w)), np.int64)
+    img = imutils.resize_bilinear(image, (h, w))
     top, left = r.randint(0, h - 31), r.randint(0, w - 31)
     img, lab = img[top:top + 31, left:left + 31], lab[top:top + 31, left:left + 31]
     if r.random() < 0.5:
@@ -163,7 +165,7 @@ def test_non_finite_loss_stops_the_step(voc, tmp_path, monkeypatch):
     info = {**info, "root": str(tmp_path / "VOC2012")}
     monkeypatch.setattr(train_seg, "msc_loss", lambda outputs, *a: outputs[0].sum() * float("nan"))
     args = _args(tmp_path, info)
-    with pytest.raises(InputError, match="non-finite loss"):
+    with pytest.raises(InputError, match="train_seg diverged: the loss is nan at epoch 1 iteration 1; nothing was saved"):
         train_seg.run(args)
     assert not (tmp_path / "w" / "deeplab.pth").exists()
 
@@ -172,7 +174,7 @@ def test_missing_labels_are_named(voc, tmp_path):
     info, _ = voc
     args = _args(tmp_path, info)
     args.seg_label_dir = str(tmp_path)
-    with pytest.raises(InputError, match=r"label PNG\(s\) of --seg_train_list missing"):
+    with pytest.raises(InputError, match=r"5 of the 5 label PNGs of --seg_train_list missing from "):
         train_seg.run(args)
 
 

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 import run_sample
-from fakevoc import make_fake_voc
+from fakevoc import make_fake_voc, wood_constants
 from misc.torchutils import TrainingDiverged, train_only
 from misc.utils import InputError, load_torch, save_torch
 from net.resnet50_cam import Net
 from step import train_wood
-from step.train_wood import selection_due, wood_loss
+from step.train_wood import selection_due
+from wood.losses import wood_loss
 from wood.losses import (anti_adversarial_ood_step, classification_loss, distance_loss, ood_distance_threshold,
                          ood_negative_loss, prototype_distances)
 
@@ -191,7 +192,7 @@ def test_wood_loss_composition():
     P = torch.randn(20 + 4, 256, dtype=torch.float64)
     args = argparse.Namespace(ood_dist_topk=0.2, ood_adv_step=0.07, ood_mask_class=4, distance_lambda=0.007,
                               ood_coeff=0.25)
-    loss, parts = wood_loss(model, img, label, ood, P, args)
+    loss, parts = wood_loss(model, img, label, ood, P, wood_constants(args))
     logits = model(img)
     feat = model.stage4_features(img).mean(dim=(2, 3))
     D = torch.stack([torch.stack([((feat[b] - P[j]) ** 2).sum().sqrt() for j in range(24)]) for b in range(2)])
@@ -242,7 +243,7 @@ def test_train_only_leaves_the_trained_gradients_unchanged():
         label[0, 1] = label[1, 5] = 1
         args = argparse.Namespace(ood_dist_topk=0.2, ood_adv_step=0.07, ood_mask_class=4, distance_lambda=0.007,
                                   ood_coeff=8.0)
-        loss, _ = wood_loss(model, img, label, ood, torch.randn(24, 256), args)
+        loss, _ = wood_loss(model, img, label, ood, torch.randn(24, 256), wood_constants(args))
         loss.backward()
         named = dict(model.named_parameters())
         grads[frozen] = {n: p.grad for n, p in named.items()}
@@ -299,7 +300,7 @@ def test_train_wood_trains_stages_3_4_and_classifier_and_selects(wood_setup, mon
     # 6 steps of 1 image: the last quarter is step 5 (> 4.5); plus once after training
     (selector,) = selectors
     assert [h[0] for h in selector.history] == ["epoch 1 step 5, before its update", "after training"]
-    assert updates_at_offer == [5, 6]  # as released: step 5 is scored before its update (SPEC 4.3 (b))
+    assert updates_at_offer == [5, 6]  # as released: step 5 is scored before its update (docs/method.md §4.3 (b))
     best = max(range(2), key=lambda i: (selector.history[i][1], -i))
     assert selector.best[2] == selector.history[best][0]
     assert all(torch.equal(saved[k], selector.best_state[k]) for k in saved)

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import run_sample  # noqa: E402
 from misc.imutils import hwc_to_chw, normalize, read_rgb  # noqa: E402
-from net.resnet50_cam import CAM, load_classifier  # noqa: E402
+from net.classifier import load_classifier  # noqa: E402
 from voc12.dataloader import CAT_LIST, load_gt, load_image_labels, load_img_name_list, read_index_png  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def main():
     torch.set_num_threads(2)
     args = run_sample.parse_args(["--preset", "toy", "--device", "cpu", "--backbone_width", str(a.width)])
     for weights in a.weights:
-        model = load_classifier(args, weights, cls=CAM)
+        model = load_classifier(weights, args.backbone, args.backbone_width, args.device, "cam")
         with torch.inference_mode():
             ids = id_scores(model, a.voc12_root, a.list, a.near, a.far)
             ood_cue, ood_prob = ood_scores(model, a.ood_root)

@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from step.mine_ood import mining_quality  # noqa: E402
+from wood.mining import mining_quality  # noqa: E402
 
 
 def main():

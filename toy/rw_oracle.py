@@ -31,7 +31,8 @@ import run_sample  # noqa: E402
 from misc import indexing  # noqa: E402
 from misc.metrics import confusion_matrix, scores  # noqa: E402
 from net.resnet50_irn import FEATURE_STRIDE, load_edge_displacement  # noqa: E402
-from step.make_sem_seg_labels import read_seeds, walk_to_label  # noqa: E402
+from misc.camfile import read_cam_file  # noqa: E402
+from misc.indexing import walk_to_label  # noqa: E402
 from voc12.dataloader import (VOC12ClassificationDatasetMSF, load_gt, load_img_name_list,  # noqa: E402
                               read_index_png)
 
@@ -59,7 +60,8 @@ def main(argv=None):
     if args.cpu_threads:  # as the driver does
         torch.set_num_threads(args.cpu_threads)
     ids = load_img_name_list(args.voc12_root, args.infer_list)
-    model = load_edge_displacement(args)
+    model = load_edge_displacement(args.irn_weights_name, args.backbone, args.backbone_width, args.irn_crop_size,
+                                   args.device)
     dataset = VOC12ClassificationDatasetMSF(ids, voc12_root=args.voc12_root, scales=(1.0,))
     confusion = {(v, t): np.zeros((21, 21), np.int64) for v in VARIANTS for t in BG_SCORES}
     with torch.inference_mode():
@@ -68,7 +70,7 @@ def main(argv=None):
             size = (int(pack["size"][0]), int(pack["size"][1]))
             gt = load_gt(args.voc12_root, pack["name"])
             boundary, _ = model(torch.as_tensor(pack["img"][0]).to(args.device))
-            cam, keys = read_seeds(os.path.join(args.sem_seg_cam_dir, pack["name"] + ".npz"), pack["label"],
+            keys, cam = read_cam_file(os.path.join(args.sem_seg_cam_dir, pack["name"] + ".npz"), pack["label"],
                                    boundary.shape)
             seeds = torch.from_numpy(np.power(cam, args.np_power)).to(boundary.device)
             maps = {"seeds": seeds}

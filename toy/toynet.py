@@ -10,7 +10,7 @@ barely changes its CAMs (docs/toy.md, "The W-OoD effect on ToyVOC"). ToyNet pre-
 generated scenes drawn by toy.toyvoc's painters in which the object class (or no object) and the
 stuff of the top and bottom regions are drawn independently and uniformly: multi-label classification
 of the 9 toy object classes plus the 7 stuff kinds (6 cues, generic), ordinary BatchNorm, SGD with real
-momentum (an ordinary pre-training, not part of the SPEC's recipe). The images are made in memory;
+momentum (an ordinary pre-training, not part of the method's recipe). The images are made in memory;
 nothing but the weights and their record is written.
 
 Output: a torchvision-format state dict (`conv1.weight`, `bn1.*`, `layer1.*` .. `layer4.*`, `fc.*`) of
@@ -72,7 +72,7 @@ def draw_toynet_image(seed, index, long_min, long_max):
 
 
 class ToyNetDataset(torch.utils.data.Dataset):
-    """The generated images (kept in memory) with the classification training recipe of SPEC 1.2."""
+    """The generated images (kept in memory) with the classification training recipe of docs/method.md §1.2."""
 
     def __init__(self, images, labels, resize_long, crop_size):
         self.images, self.labels = images, labels

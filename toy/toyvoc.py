@@ -25,7 +25,9 @@ objects have class-specific silhouettes but random colours and patterns, so the 
 evidence: a classifier trained on train_aug fires on cue-only images and puts much of its CAM on cues.
 
 Outputs (`--out`, the VOC layout): JPEGImages/<id>.jpg, Annotations/<id>.xml, SegmentationClass/<id>.png
-(palette PNG for train and val, void band of 255 around objects), SegmentationClassAug/<id>.png
+(palette PNG for train and val, void band of 255 around objects), SegmentationObject/<id>.png (train and
+val, VOC's instance format: palette PNG, object k of the image is k, background 0, the same void band 255),
+SegmentationClassAug/<id>.png
 (grayscale PNG, same labels, for train_aug and val), ImageSets/Segmentation/{train,val,trainval}.txt.
 Outside the VOC layout: CueMasks/<id>.png (0 = no cue, k+1 = a pixel of class k's cue; object pixels
 are never cue pixels) and toyvoc.json (parameters, ids, counts). `train_aug` is every id with an Aug
@@ -698,8 +700,8 @@ def ood_mode(index, hard, args):
 
 MARKER = "toyvoc.json"
 OOD_MARKER = "manifest.json"
-OWNED_DIRS = ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug", "CueMasks",
-              os.path.join("ImageSets", "Segmentation"))
+OWNED_DIRS = ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationObject", "SegmentationClassAug",
+              "CueMasks", os.path.join("ImageSets", "Segmentation"))
 
 
 def check_output_dir(path, marker):
@@ -744,6 +746,16 @@ def validate(args):
         raise InputError("--n_ood_hard and --n_ood_easy must be >= 0")
 
 
+def object_map(label, objects):
+    """VOC's SegmentationObject map of an image: object k (1-based, in drawing order) on its visible pixels,
+    background 0, 255 where the class label is void (the outline band), so both PNGs agree pixel for pixel."""
+    out = np.zeros(label.shape, np.uint8)
+    for number, (_, mask) in enumerate(objects, 1):
+        out[mask] = number
+    out[label == 255] = 255
+    return out
+
+
 def write_id_set(args):
     ids, train_aug, train, val = split_ids(args)
     evaluated = set(train) | set(val)
@@ -761,6 +773,8 @@ def write_id_set(args):
         save_png(os.path.join(out, "SegmentationClassAug", img_id + ".png"), label)
         if img_id in evaluated:
             save_png(os.path.join(out, "SegmentationClass", img_id + ".png"), label, palette=palette)
+            save_png(os.path.join(out, "SegmentationObject", img_id + ".png"), object_map(label, objects),
+                     palette=palette)
         save_png(os.path.join(out, "CueMasks", img_id + ".png"), cue)
         top, bottom, top_cue, bottom_cue = plan
         for cls, has_cue in ((top, top_cue), (bottom, bottom_cue)):
@@ -775,7 +789,8 @@ def write_id_set(args):
         save_text(os.path.join(lists, name + ".txt"), "".join(i + "\n" for i in members))
     for folder, ext, members in (("JPEGImages", ".jpg", ids), ("Annotations", ".xml", ids),
                                  ("SegmentationClassAug", ".png", ids), ("CueMasks", ".png", ids),
-                                 ("SegmentationClass", ".png", train + val)):
+                                 ("SegmentationClass", ".png", train + val),
+                                 ("SegmentationObject", ".png", train + val)):
         remove_stale(os.path.join(out, folder), {i + ext for i in members})
     return {"n_train_aug": len(train_aug), "n_train": len(train), "n_val": len(val),
             "class_counts": counts}

@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import run_sample  # noqa: E402
-from step import train_wood  # noqa: E402
+from wood import losses  # noqa: E402
 
 
 def grad_norm(term, params):
@@ -34,11 +34,11 @@ def main():
     a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     seen = [0]
 
-    def recording_loss(model, img, label, ood_img, prototypes, args):
+    def recording_loss(model, img, label, ood_img, prototypes, constants):
         if seen[0] == a.steps:
             raise KeyboardInterrupt
-        terms, came_from = train_wood.wood_terms(model, img, label, ood_img, prototypes, args)
-        weighted = train_wood.weighted_terms(terms, args)
+        terms, came_from = losses.wood_terms(model, img, label, ood_img, prototypes, constants)
+        weighted = losses.weighted_terms(terms, constants)
         loss = sum(weighted.values())
         backbone, classifier = model.wood_param_groups()
         norms = {k: (grad_norm(t, backbone), grad_norm(t, classifier)) for k, t in weighted.items()}
@@ -51,7 +51,7 @@ def main():
         seen[0] += 1
         return loss, {k: v.item() for k, v in terms.items()}
 
-    train_wood.wood_loss = recording_loss
+    losses.wood_loss = recording_loss  # train_wood calls losses.wood_loss
     return run_sample.main(flags + ["--train_wood_pass", "true"])
 
 

@@ -1,4 +1,4 @@
-"""IRN training data (SPEC 1.2 affinity recipe + 5.2 affinity labels), IRN's VOC12AffinityDataset.
+"""IRN training data (docs/method.md §1.2 affinity recipe + 5.2 affinity labels), IRN's VOC12AffinityDataset.
 
 image + IR label map -> random_scale -> normalize -> random_flip -> random_crop (fills 0 / 255)
 -> label shrunk with rescale(label, 0.25, nearest) -> (bg_pos, fg_pos, neg) affinity labels over the

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 lists, image-level labels, ground truth and datasets (SPEC 1.1-1.2), IRN style.
+"""PASCAL VOC 2012 lists, image-level labels, ground truth and datasets (docs/method.md §1.1-1.2), IRN style.
 
 Names are image id strings such as "2007_000032" (IRN encodes them as ints; not needed here).
 Every folder a dataset needs is checked when it is built, so a wrong `voc12_root` fails at once
@@ -279,13 +279,13 @@ class VOC12ClassificationDataset(VOC12ImageDataset):
 
     @classmethod
     def for_training(cls, img_name_list, voc12_root, resize_long=(320, 640), crop_size=512):
-        """random_resize_long -> normalize -> random_flip -> random_crop (SPEC 1.2 training recipe)."""
+        """random_resize_long -> normalize -> random_flip -> random_crop (docs/method.md §1.2 training recipe)."""
         return cls(img_name_list, voc12_root, resize_long=tuple(resize_long), hor_flip=True,
                    crop_size=crop_size, crop_method="random")
 
     @classmethod
     def for_validation(cls, img_name_list, voc12_root, crop_size=512):
-        """normalize -> top_left_crop (SPEC 1.2 validation recipe)."""
+        """normalize -> top_left_crop (docs/method.md §1.2 validation recipe)."""
         return cls(img_name_list, voc12_root, crop_size=crop_size, crop_method="top_left")
 
     def __getitem__(self, idx):

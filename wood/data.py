@@ -1,4 +1,4 @@
-"""Out-of-distribution (OoD) image lists and datasets (SPEC 1.3).
+"""Out-of-distribution (OoD) image lists and datasets (docs/method.md §1.3).
 
 `ood_root` is a folder of images; `ood_list` a text file of paths relative to it, one per line.
 Any image mode (grayscale, palette, RGBA, CMYK) is read as RGB. The "name" of an item is its

@@ -1,10 +1,14 @@
-"""The W-OoD losses (SPEC 4.3, steps 1-5), as pure functions of tensors.
+"""The W-OoD losses (docs/method.md §4.3), as pure functions of tensors.
 
-The training step (step/train_wood.py) combines them:
+`wood_loss` combines them for one training step:
     L = BCE_with_logits(logits, y) + distance_lambda * distance_loss(...) + ood_coeff * ood_negative_loss(...)
 """
+import dataclasses
+
 import torch
 import torch.nn.functional as F
+
+from misc import dist
 
 
 def prototype_distances(features, prototypes):
@@ -18,7 +22,7 @@ def prototype_distances(features, prototypes):
 
 
 def ood_distance_threshold(ood_distances, tau):
-    """`thr` of SPEC 4.3 step 3: the k-th largest non-zero entry, k = int(n * (1 - tau)), n = their count.
+    """`thr` of docs/method.md §4.3 step 3: the k-th largest non-zero entry, k = int(n * (1 - tau)), n = their count.
 
     Entries strictly below `thr` are "selected" (about the closest tau of the OoD distances). With
     k == 0 (n <= 1 at tau = 0.2; the original's top-k would fail) nothing is selected: -inf.
@@ -36,7 +40,7 @@ def _whole(tensor):
 
 
 def distance_loss(distances, labels, C, K, tau, whole_batch=_whole):
-    """L_dist = mean(fg) * (C / K) - mean(Do * [Do < thr]) (SPEC 4.3 steps 2-4).
+    """L_dist = mean(fg) * (C / K) - mean(Do * [Do < thr]) (docs/method.md §4.3 steps 2-4).
 
     distances: (B, C+K) from `prototype_distances`; labels: (B, C) multi-hot. Both means run over
     all entries of their matrices (B x C and B x K), zeros included. Minimising it pulls features to
@@ -51,7 +55,7 @@ def distance_loss(distances, labels, C, K, tau, whole_batch=_whole):
 
 
 def anti_adversarial_ood_step(model, images, step, batch_max=_whole, batch_min=_whole):
-    """One anti-adversarial step on an OoD batch (SPEC 4.3 step 5a), detached result.
+    """One anti-adversarial step on an OoD batch (docs/method.md §4.3 step 5a), detached result.
 
     s = sum_b max_c logits_b,c; g = ds/dimages; images + step * g / (max|g| + 1e-12), clamped to
     [min(images), max(images)], where max|g|, min and max run over the whole batch tensor
@@ -68,7 +72,7 @@ def anti_adversarial_ood_step(model, images, step, batch_max=_whole, batch_min=_
 
 
 def ood_negative_loss(logits, mask_class, id_batch_size):
-    """L_ood (SPEC 4.3 step 5b): sum over the OoD images of multilabel_soft_margin_loss(logits_b, 0)
+    """L_ood (docs/method.md §4.3 step 5b): sum over the OoD images of multilabel_soft_margin_loss(logits_b, 0)
     (mean over the classes), images whose arg-max class is `mask_class` left out, divided by the ID
     batch size."""
     per_image = F.multilabel_soft_margin_loss(logits, torch.zeros_like(logits), reduction="none")  # (B,)
@@ -79,3 +83,46 @@ def ood_negative_loss(logits, mask_class, id_batch_size):
 def classification_loss(logits, labels):
     """BCE with logits, mean over all entries (= multilabel_soft_margin_loss with mean reduction)."""
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+# ------------------------------------------------------------------------ the W-OoD loss of one step
+
+@dataclasses.dataclass(frozen=True)
+class WoodConstants:
+    """The constants of the W-OoD loss (docs/method.md §4.3)."""
+    ood_adv_step: float      # the anti-adversarial step on the OoD batch
+    ood_dist_topk: float     # tau: the fraction of OoD distances pushed
+    ood_mask_class: int      # OoD images arg-maxed to this class are left out of the OoD loss
+    distance_lambda: float   # weight of the distance loss
+    ood_coeff: float         # weight of the OoD loss
+
+
+def wood_terms(model, img, label, ood_img, prototypes, constants):
+    """The three loss terms of docs/method.md §4.3 (unweighted tensors: "cls", "dist", "ood") for one ID batch
+    and one OoD batch, and what they came from ("features": GAP(stage4) of the ID batch, "logits",
+    "ood_logits": of the anti-adversarial OoD batch). `prototypes` is (C + K, D): the C class prototypes, then
+    the K OoD ones."""
+    n_classes = label.shape[1]
+    logits, features = model.feature_list(img)
+    distances = prototype_distances(features[-1], prototypes)
+    # under torchrun img / ood_img are this rank's slices: the batch-wide statistics come from all ranks
+    ood_logits = model(anti_adversarial_ood_step(model, ood_img, constants.ood_adv_step, dist.maximum,
+                                                 dist.minimum))
+    terms = {"cls": classification_loss(logits, label),
+             "dist": distance_loss(distances, label, n_classes, prototypes.shape[0] - n_classes,
+                                   constants.ood_dist_topk, whole_batch=dist.gather_rows),
+             "ood": ood_negative_loss(ood_logits, constants.ood_mask_class, img.shape[0])}
+    return terms, {"features": features[-1], "logits": logits, "ood_logits": ood_logits}
+
+
+def weighted_terms(terms, constants):
+    """Each term times its weight (docs/method.md §4.3 step 6): their sum is the loss."""
+    return {"cls": terms["cls"], "dist": constants.distance_lambda * terms["dist"],
+            "ood": constants.ood_coeff * terms["ood"]}
+
+
+def wood_loss(model, img, label, ood_img, prototypes, constants):
+    """The loss of docs/method.md §4.3 step 6 and its unweighted parts (floats)."""
+    terms, _ = wood_terms(model, img, label, ood_img, prototypes, constants)
+    loss = sum(weighted_terms(terms, constants).values())
+    return loss, {k: v.item() for k, v in terms.items()}

@@ -1,4 +1,5 @@
-"""W-OoD prototypes (SPEC 4.3): class prototypes of the ID images, K-means centroids of the OoD images.
+"""W-OoD prototypes (docs/method.md §4.3): class prototypes of the ID images, K-means centroids of the OoD
+images.
 
 Maths first (pure tensor functions), then the I/O that extracts the 2048-d features
 `f(x) = GAP(stage4(x))` (the last entry of `model.feature_list(x)`) with the model in eval mode,
@@ -140,18 +141,20 @@ def sharded_features(model, dataset, device, num_workers, desc):
     return dist.gather_shards(feats, n), (None if labels is None else dist.gather_shards(labels, n))
 
 
-def id_prototypes(model, args, device):
-    """(C, D) class prototypes over args.train_list: full-size images, normalized, no augmentation."""
+def id_prototypes(model, device, train_list, voc12_root, num_workers):
+    """(C, D) class prototypes over the images of `train_list` (a split name or list file under `voc12_root`):
+    full-size images, normalized, no augmentation."""
     from voc12.dataloader import VOC12ClassificationDataset
-    dataset = VOC12ClassificationDataset(args.train_list, args.voc12_root)
-    feats, labels = sharded_features(model, dataset, device, args.num_workers, desc="ID features")
+    dataset = VOC12ClassificationDataset(train_list, voc12_root)
+    feats, labels = sharded_features(model, dataset, device, num_workers, desc="ID features")
     return class_prototypes(feats, labels)
 
 
-def ood_prototypes(model, args, device, paths):
-    """(K, D) K-means centroids of the OoD features (long side args.ood_long_side, normalized)."""
+def ood_prototypes(model, device, paths, ood_root, long_side, K, n_iter, num_workers):
+    """(K, D) K-means centroids (`n_iter` iterations) of the features of the OoD images `paths` (relative to
+    `ood_root`; long side resized to `long_side`, normalized)."""
     from wood.data import OoDFeatureDataset
-    require_enough_points(len(paths), args.cluster_K)  # before the feature pass, not after it
-    dataset = OoDFeatureDataset(args.ood_root, paths, long_side=args.ood_long_side)
-    feats, _ = sharded_features(model, dataset, device, args.num_workers, desc="OoD features")
-    return kmeans(feats, args.cluster_K, args.kmeans_iter)
+    require_enough_points(len(paths), K)  # before the feature pass, not after it
+    dataset = OoDFeatureDataset(ood_root, paths, long_side=long_side)
+    feats, _ = sharded_features(model, dataset, device, num_workers, desc="OoD features")
+    return kmeans(feats, K, n_iter)
