@@ -95,6 +95,8 @@ stage "AdvCAM seeds and IR labels on $SEED_LIST" \
 stage "IRN and pseudo masks" \
   --train_irn_pass true --make_sem_seg_pass true --eval_sem_seg_pass true \
   --train_list "$SEED_LIST" --infer_list train
+# IRN's instance masks from the same CAMs and IRN, scored by VOC's instance AP50 (docs/method.md §9)
+stage "IRN instance masks" --make_ins_seg_pass true --eval_ins_seg_pass true --infer_list train
 # pseudo masks for every image the segmentation network trains on (docs/method.md §6, 8: train_aug; the walk skips the
 # train masks it has made). The toy trains on train's masks, its only seeds (README, Deviations).
 if [ "$SEED_LIST" != train ]; then

@@ -180,6 +180,9 @@ def build_parser():
     g.add_argument("--infer_list", default="train", help="images for make_cam/advcam/IR labels/random walk")
     g.add_argument("--chainer_eval_set", default="train", help="images the eval steps score")
     g.add_argument("--eval_name", default=None, help="summary.json entry name (default: evaluated folder)")
+    g.add_argument("--dist_timeout", type=positive, default=120,
+                   help="minutes a torchrun process waits for the others (at a barrier: rank 0 runs the evaluations "
+                        "alone) before the run stops")
     g.add_argument("--overwrite", type=B, default=False,
                    help="recompute outputs made by other inputs (misc/provenance.py) instead of stopping")
 
@@ -397,6 +400,14 @@ def validate_args(args):
     check_device(args.device)
 
 
+def use_device(device):
+    """Make `device` the current CUDA device (--device cuda:1 in one process), so that what opens a CUDA context
+    by itself (the loaders' pin-memory thread, bf16 checks) opens it there and not on GPU 0."""
+    import torch
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(device)
+
+
 def seed_everything(seed):
     import torch
     random.seed(seed)
@@ -474,7 +485,7 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        args.device = dist.init(args.device)
+        args.device = dist.init(args.device, args.dist_timeout)
     except InputError as e:  # this rank's own problem (its GPU): every rank says it
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
         return 2
@@ -513,6 +524,7 @@ def _run_steps(args, dist):
         sys.stdout = _Tee(open(os.devnull, "w"), log)
     dist.barrier()
     print(f"== run_sample.py {stamp} on {dist.world()} process(es), config: " + json.dumps(vars(args), sort_keys=True))
+    use_device(args.device)
     set_precision(args.allow_tf32)
     if args.cpu_threads:
         import torch

@@ -15,6 +15,7 @@ How the work is split (docs/running.md "Several processes (torchrun)"):
 The ranks must therefore consume their random generators alike: `require_same` checks it where a
 divergence would otherwise pass silently.
 """
+import datetime
 import os
 import time
 
@@ -24,6 +25,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from misc.utils import InputError, pending
+
+
+DEFAULT_TIMEOUT_MINUTES = 120
+DIGEST_ELEMENTS = 1 << 16   # elements of a batch compared across ranks (evenly spaced)
 
 
 def launched():
@@ -47,12 +52,15 @@ def is_main():
     return rank() == 0
 
 
-def init(device_flag):
+def init(device_flag, timeout_minutes=DEFAULT_TIMEOUT_MINUTES):
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and return this rank's device name.
 
     `device_flag` is --device (None: cuda if available). On CUDA each process takes the GPU of its
-    LOCAL_RANK; an explicit GPU index cannot be shared by several processes.
+    LOCAL_RANK; an explicit GPU index cannot be shared by several processes. A rank waiting longer than
+    `timeout_minutes` at a barrier or collective (--dist_timeout) stops the run: rank 0 alone runs the
+    evaluations while the others wait, so it must exceed the longest of them.
     """
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not launched():
         return device_flag
     device = device_flag or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,9 +74,9 @@ def init(device_flag):
                              f"{torch.cuda.device_count()} GPU(s): lower --nproc_per_node")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=torch.device(device))
+        dist.init_process_group("nccl", device_id=torch.device(device), timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return device
 
 
@@ -221,12 +229,14 @@ def sum_gradients(parameters):
 
 
 def require_same(tensor, what):
-    """RuntimeError unless every rank holds the same `tensor` (compared by sum and sum of squares, float64):
-    the split of the work assumes the ranks agree on `what`."""
+    """RuntimeError unless every rank holds the same `tensor`, compared by a cheap digest (shape, sum and sum of
+    squares in float64 of at most DIGEST_ELEMENTS evenly spaced elements): the split of the work assumes the
+    ranks agree on `what`, and a diverged random stream changes every element of a batch."""
     if not active():
         return
-    t = tensor.detach().double()
-    digest = torch.stack([t.sum(), (t * t).sum(), torch.tensor(float(t.numel()), dtype=torch.float64,
+    flat = tensor.detach().reshape(-1)
+    t = flat[::max(1, flat.numel() // DIGEST_ELEMENTS)].double()
+    digest = torch.stack([t.sum(), (t * t).sum(), torch.tensor(float(flat.numel()), dtype=torch.float64,
                                                                device=t.device)])
     if not torch.equal(maximum(digest), minimum(digest)):
         raise RuntimeError(f"the {world()} processes disagree on {what}: their random generators or inputs "

@@ -300,12 +300,13 @@ def dense_random_walk(seeds, boundary, radius, beta, exp_times):
     edge_padded = F.pad(boundary[None], (r, r, 0, r), mode="constant", value=1.0)
     pair_aff = edge_to_affinity(edge_padded[None], index.path_indices).reshape(-1)
     n_padded = padded_h * padded_w
-    src = torch.from_numpy(index.src_indices).repeat(index.dst_indices.shape[0])
-    dst = torch.from_numpy(index.dst_indices).reshape(-1)
-    diag = torch.arange(n_padded)
+    device = boundary.device
+    src = torch.from_numpy(index.src_indices).to(device).repeat(index.dst_indices.shape[0])
+    dst = torch.from_numpy(index.dst_indices).to(device).reshape(-1)
+    diag = torch.arange(n_padded, device=device)
     indices = torch.cat([torch.stack([src, dst]), torch.stack([diag, diag]), torch.stack([dst, src])], dim=1)
-    values = torch.cat([pair_aff, torch.ones(n_padded, dtype=pair_aff.dtype), pair_aff])
-    dense = torch.sparse_coo_tensor(indices.to(boundary.device), values, (n_padded, n_padded),
+    values = torch.cat([pair_aff, torch.ones(n_padded, dtype=pair_aff.dtype, device=device), pair_aff])
+    dense = torch.sparse_coo_tensor(indices, values, (n_padded, n_padded),
                                     check_invariants=False).to_dense()
     dense = dense.view(padded_h, padded_w, padded_h, padded_w)[:-r, r:-r, :-r, r:-r]
     dense = dense.reshape(height * width, height * width)

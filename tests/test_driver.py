@@ -75,8 +75,11 @@ def test_every_step_has_a_switch():
     assert a.eval_sem_seg_pass is True
     names = [n for n, _ in run_sample.STEPS]
     for step in ["train_cam", "mine_ood", "train_wood", "make_cam", "eval_cam", "make_advcam",
-                 "cam_to_ir_label", "train_irn", "make_sem_seg", "eval_sem_seg"]:
+                 "cam_to_ir_label", "train_irn", "make_sem_seg", "eval_sem_seg", "make_ins_seg", "eval_ins_seg"]:
         assert step in names
+    # the instance steps follow the random walk (they read its CAM folder and IRN)
+    assert names.index("eval_sem_seg") < names.index("make_ins_seg") < names.index("eval_ins_seg")
+    assert run_sample.parse_args(["--work_dir", "/tmp/w"]).ins_seg_out_dir == "/tmp/w/ins_seg"
 
 
 def test_run_writes_config_and_log(tmp_path, monkeypatch):
