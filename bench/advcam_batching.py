@@ -13,8 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_sample  # noqa: E402
-from net.resnet50_cam import Net  # noqa: E402
 from misc.advcam import advcam_regions  # noqa: E402
+from net.resnet50_cam import Net  # noqa: E402
 
 
 def timed(fn, device, repeat):

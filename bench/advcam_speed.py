@@ -39,11 +39,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import run_sample  # noqa: E402
 from fakevoc import advcam_rule, driver_args, make_fake_voc  # noqa: E402
-from net.resnet50_cam import Net  # noqa: E402
 from misc.advcam import group_advcam  # noqa: E402
 from misc.metrics import sweep_thresholds  # noqa: E402
+from net.resnet50_cam import Net  # noqa: E402
 from voc12.dataloader import VOC12ClassificationDatasetMSF  # noqa: E402
-
 
 # ------------------------------------------------------------------------------------ the literal loop
 
@@ -223,7 +222,8 @@ def main():
 
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"\n{len(packs)} images {a.size[0]}x{a.size[1]}, {n_runs} class-runs, width {a.width}, "
-          f"adv_iter {a.adv_iter}, scales {a.scales}, {a.threads} thread(s), device {device}{gpu}; median of {a.repeats} run(s):")
+          f"adv_iter {a.adv_iter}, scales {a.scales}, {a.threads} thread(s), device {device}{gpu}; "
+          f"median of {a.repeats} run(s):")
     literal = statistics.median(rates["literal loop"])
     literal_miou = best_miou(outputs["literal loop"], packs, info["gt"], thresholds)
     print(f"literal loop: {literal:.3f} images/s, best mIoU {literal_miou:.2f}")

@@ -46,14 +46,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import run_sample  # noqa: E402
 from fakevoc import make_fake_voc, random_bn_statistics  # noqa: E402
+from misc import cam as cam_maths  # noqa: E402
 from misc import imutils  # noqa: E402
 from misc.utils import load_npz, save_npz, save_torch  # noqa: E402
 from net.classifier import load_classifier  # noqa: E402
 from net.resnet50_cam import CAM  # noqa: E402
-from misc import cam as cam_maths  # noqa: E402
-from voc12.dataloader import (VOC12ClassificationDatasetMSF, img_path, load_image_labels,  # noqa: E402
-                              load_img_name_list)
-
+from voc12.dataloader import VOC12ClassificationDatasetMSF, img_path, load_image_labels, load_img_name_list  # noqa: E402
 
 # ------------------------------------------------------------------------------------ the literal loop
 

@@ -79,6 +79,7 @@ def _reset_peak():
 
 def worker(variant, cfg, out_path):
     import torch
+
     from misc import indexing
     torch.set_num_threads(cfg["threads"])
     seeds, boundary = make_inputs(cfg["height"], cfg["width"], cfg["classes"])
@@ -170,6 +171,7 @@ def main():
                 save_npz(args.dense_cache, result=dense, stats=json.dumps(dense_stats), cfg=dense_key)
 
     import torch
+
     from misc.indexing import walk_to_label
     size = (cfg["height"] * 4, cfg["width"] * 4)
     keys = np.arange(cfg["classes"])

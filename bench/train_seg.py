@@ -14,8 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from net.deeplab_v2 import RESNET101_BLOCKS, deeplab_v2  # noqa: E402
-from net.deeplab_v2 import msc_loss, param_groups  # noqa: E402
+from net.deeplab_v2 import RESNET101_BLOCKS, deeplab_v2, msc_loss, param_groups  # noqa: E402  # noqa: E402
 
 RECIPE_IMAGES_PER_UPDATE = 10  # batch 5 x ITER_SIZE 2 (docs/method.md §8)
 

@@ -38,6 +38,7 @@ def read_cam_file(path, maps, label=None, shape=None):
 def read_items(voc12_root, cam_dir, ids):
     """(high_res, keys, gt) per id; InputError if a CAM does not match its ground truth's size."""
     import os
+
     from voc12.dataloader import load_gt, load_image_labels  # voc12 imports torch
     labels = load_image_labels(voc12_root, ids)
     for img_id, label in zip(ids, labels):

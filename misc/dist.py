@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from misc.utils import InputError, pending
 
-
 DEFAULT_TIMEOUT_MINUTES = 120
 DIGEST_ELEMENTS = 1 << 16   # elements of a batch compared across ranks (evenly spaced)
 

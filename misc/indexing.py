@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
 # ------------------------------------------------------------------------------- directions, paths
 
 def search_directions(radius):

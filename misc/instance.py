@@ -54,35 +54,37 @@ def find_centroids_with_refinement(displacement, iterations=300):
     """Centroid of every cell after `iterations` steps along the displacement field: (2, h, w) int64 (y, x).
 
     `displacement` (2, h, w) float32 tensor, on any device (the work stays there). The release's numpy loop
-    (docs/method.md §9), all cells at once: the fractional parts `cy - floor(cy)` come out of numpy as
-    float64 (float32 minus int32), so the bilinear look-up and the addition run in float64 and the sum is
-    stored back in float32. The same operations in the same order here: equal bit for bit to the loop
-    (tests/test_instance.py); bench/centroids.py times the two.
+    (docs/method.md §9) on all cells and both coordinates at once. Its fractional parts `cy - floor(cy)` come out
+    of numpy as float64 (float32 minus int32), so the bilinear look-up and the addition run in float64 and the
+    sum is stored back in float32: here the positions are float32 values held in float64, rounded through
+    float32 after each step, and the products and sums keep the release's order, so the result is equal bit for
+    bit (tests/test_instance.py; bench/centroids.py times the two).
     """
     if displacement.dim() != 3 or displacement.shape[0] != 2:
         raise ValueError(f"displacement must be (2, h, w), got {tuple(displacement.shape)}")
     height, width = displacement.shape[1:]
     device = displacement.device
-    field = displacement.to(torch.float32).reshape(2, -1).to(torch.float64)  # float32 values, exactly
-    cy = torch.arange(height, dtype=torch.float32, device=device)[:, None].expand(height, width).reshape(-1)
-    cx = torch.arange(width, dtype=torch.float32, device=device)[None, :].expand(height, width).reshape(-1)
+    # (dy, dx) of every cell as rows, float32 values exactly in float64: one row look-up serves both coordinates
+    field = displacement.to(torch.float32).reshape(2, -1).t().contiguous().to(torch.float64)
+    grid = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    position = torch.stack(grid, dim=-1).reshape(-1, 2).to(torch.float64)  # (y, x) of every cell: (n, 2)
+    upper = torch.tensor([height - 1, width - 1], dtype=torch.float64, device=device)
+    lower = torch.zeros_like(upper)
     for _ in range(iterations):
-        up_y, down_y = torch.ceil(cy), torch.floor(cy)
-        up_x, down_x = torch.ceil(cx), torch.floor(cx)
-        frac_y = cy.to(torch.float64) - down_y.to(torch.float64)
-        frac_x = cx.to(torch.float64) - down_x.to(torch.float64)
-        up_y, down_y, up_x, down_x = (v.to(torch.int64) for v in (up_y, down_y, up_x, down_x))
-        # corners in the release's order (uy, ux), (dy, ux), (uy, dx), (dy, dx); both channels in one gather
-        corners = torch.stack([up_y * width + up_x, down_y * width + up_x, up_y * width + down_x,
-                               down_y * width + down_x])
-        looked_up = field[:, corners]                                        # (2, 4, n)
-        weight_y = torch.stack([frac_y, 1 - frac_y, frac_y, 1 - frac_y])
-        weight_x = torch.stack([frac_x, frac_x, 1 - frac_x, 1 - frac_x])
-        terms = looked_up * weight_y * weight_x                              # (d * wy) * wx, as written
-        step = terms[:, 0] + terms[:, 1] + terms[:, 2] + terms[:, 3]        # left to right, as written
-        cy = (cy.to(torch.float64) + step[0]).to(torch.float32).clamp(0, height - 1)
-        cx = (cx.to(torch.float64) + step[1]).to(torch.float32).clamp(0, width - 1)
-    return torch.stack([torch.round(cy), torch.round(cx)]).to(torch.int64).reshape(2, height, width)
+        low = torch.floor(position)
+        frac = position - low                       # exact: the release's float64 y_c, x_c
+        low_index = low.to(torch.int64)
+        corner = torch.stack([low_index + (frac > 0), low_index])  # [ceil / floor, n, y / x]; ceil = floor + [f > 0]
+        # flat index of (y of ysel, x of xsel) as [xsel, ysel, n]: the release's corners (uy, ux), (dy, ux),
+        # (uy, dx), (dy, dx) are [0, 0], [0, 1], [1, 0], [1, 1]
+        index = corner[:, None, :, 1] + corner[None, :, :, 0] * width
+        looked_up = field.index_select(0, index.reshape(-1)).view(2, 2, -1, 2)   # [xsel, ysel, n, dy / dx]
+        weight = torch.stack([frac, 1 - frac])      # [ceil / floor, n, y / x]: f at the ceil corner, 1 - f at the floor
+        terms = looked_up * weight[None, :, :, 0:1] * weight[:, None, :, 1:2]     # (d * wy) * wx, as written
+        step = terms[0, 0] + terms[0, 1] + terms[1, 0] + terms[1, 1]               # left to right, as written
+        position = (position + step).to(torch.float32).to(torch.float64)         # the release's float32 positions
+        position = torch.clamp(position, min=lower, max=upper)
+    return torch.round(position).to(torch.int64).t().reshape(2, height, width)
 
 
 def cluster_centroids(centroids, displacement, thres=2.5):

@@ -151,6 +151,7 @@ def score_label_folder(folder, voc12_root, ids, unsure_as_background=False, desc
     (255 predictions count as background with `unsure_as_background`); InputError naming a file that cannot
     be scored (wrong size, values outside the 21 classes)."""
     from tqdm import tqdm
+
     from misc.utils import InputError
     from voc12.dataloader import load_gt, read_index_png
     confusion = np.zeros((N_LABELS, N_LABELS), dtype=np.int64)

@@ -6,6 +6,7 @@ import numpy as np
 
 from misc.utils import InputError, save_json
 
+
 def _class_names():  # imported late: voc12 pulls in torch
     from voc12.dataloader import CAT_LIST
     return ["background"] + list(CAT_LIST)

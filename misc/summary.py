@@ -27,6 +27,11 @@ PAPER_VOC = {
 ORDER = ["baseline_cam", "wood_cam", "wood_advcam", "pseudo_mask", "deeplab_val", "deeplab_val_crf"]
 N_SAMPLES = 8  # rows of samples.png: the first images of the evaluated list
 SEG_SAMPLES = "deeplab_samples"  # eval_seg's predictions for those rows
+# docs/method.md §9: IRN's published instance AP50 (VOC 2012 train, from class labels, ResNet-50)
+PAPER_INSTANCE = {"ins_seg": ("IRN's instance masks, train, ResNet-50", 46.7)}
+INSTANCE_STEP = "eval_ins_seg"
+INS_SEG = "ins_seg"  # make_ins_seg's folder: the instance column of samples.png
+MIN_SHOWN_SCORE = 1e-5  # instances drawn: those the COCO output keeps (misc/coco.py)
 
 
 def _fmt(x):
@@ -43,7 +48,10 @@ def _mean_defined(values):
 
 
 def summary_markdown(entries):
-    """The report table as Markdown: one row per entry, paper numbers beside, per-class IoU below."""
+    """The report table as Markdown: one row per entry, paper numbers beside, per-class IoU below; instance
+    entries (eval_ins_seg) in a table of their own after it."""
+    instance_entries = [e for e in entries if e.get("step") == INSTANCE_STEP]
+    entries = [e for e in entries if e.get("step") != INSTANCE_STEP]
     by_name = {e["name"]: e for e in entries}
     names = [n for n in ORDER if n in by_name] + [e["name"] for e in entries if e["name"] not in ORDER]
     lines = ["| result | step | threshold | mIoU | mean precision | mean recall | paper (VOC 2012) |",
@@ -64,7 +72,41 @@ def summary_markdown(entries):
                   "| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for c in classes:
             lines.append(f"| {c} | " + " | ".join(_fmt(by_name[n]["iou"].get(c)) for n in names) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + instance_markdown(instance_entries)) + "\n"
+
+
+def instance_markdown(entries):
+    """Lines of the instance table (AP50 %, VOC's rule) with the COCO-style cross-check and IRN's number, and
+    per-class AP50 below; none without instance entries."""
+    if not entries:
+        return []
+    lines = ["", "Instance masks (docs/method.md §9): AP50 by VOC's rule (chainercv); COCO-style AP@0.5 from "
+             "pycocotools is a cross-check, not the paper's metric.", "",
+             "| result | step | images | AP50 (mAP) | COCO-style AP@0.5 (cross-check) | paper (VOC 2012) |",
+             "|---|---|---|---|---|---|"]
+    for e in entries:
+        paper = PAPER_INSTANCE.get(e["name"])
+        paper_txt = f"{paper[1]:.1f} ({paper[0]})" if paper else ""
+        lines.append(f"| {e['name']} | {e['step']} | {e.get('images', '-')} | {_fmt(e['map'])} | "
+                     f"{_fmt(e.get('coco_ap50'))} | {paper_txt} |")
+    classes = [c for c in entries[0]["ap"] if any(e["ap"].get(c) is not None for e in entries)]
+    if classes:
+        lines += ["", "Per-class AP50 (%), classes with ground-truth instances:", "",
+                  "| class | " + " | ".join(e["name"] for e in entries) + " |", "|---|" + "---|" * len(entries)]
+        lines += [f"| {c} | " + " | ".join(_fmt(e["ap"].get(c)) for e in entries) + " |" for c in classes]
+    return lines
+
+
+def instance_colours(path, palette=None):
+    """RGB (H, W, 3) of the detections of an instance file (misc/instance.py): each detection of score >= 1e-5
+    in its own palette colour (the best-scoring one first), higher scores drawn over lower; black elsewhere."""
+    palette = palette_voc() if palette is None else palette
+    data = load_npz(path)
+    order = [k for k in np.argsort(-data["score"], kind="stable") if data["score"][k] >= MIN_SHOWN_SCORE]
+    index = np.zeros(data["mask"].shape[1:], np.int64)
+    for rank, k in reversed(list(enumerate(order))):  # the best last: on top
+        index[data["mask"][k]] = min(rank + 1, 254)
+    return palette[index]
 
 
 def _colour(label):
@@ -104,7 +146,7 @@ def write_report(work_dir, voc12_root, eval_list="train", n_samples=N_SAMPLES, d
         with open(tmp, "w") as f:
             f.write(text)
     by_name = {e["name"]: e for e in entries}
-    dirs = dirs or {n: os.path.join(work_dir, n) for n in ORDER + [SEG_SAMPLES]}
+    dirs = dirs or {n: os.path.join(work_dir, n) for n in ORDER + [SEG_SAMPLES, INS_SEG]}
     ids = load_img_name_list(voc12_root, eval_list)[:n_samples]
 
     def cam_column(name):
@@ -126,6 +168,10 @@ def write_report(work_dir, voc12_root, eval_list="train", n_samples=N_SAMPLES, d
                ("baseline CAM", cam_column("baseline_cam")), ("W-OoD CAM", cam_column("wood_cam")),
                ("AdvCAM", cam_column("wood_advcam")), ("pseudo mask", png_column("pseudo_mask")),
                ("DeepLab-v2", png_column(SEG_SAMPLES))]
+    if os.path.isdir(dirs.get(INS_SEG, "")):  # make_ins_seg ran: its instances, each in its own colour
+        instance_file = lambda i: os.path.join(dirs[INS_SEG], i + ".npz")
+        columns.append(("instances", lambda i: instance_colours(instance_file(i))
+                        if os.path.isfile(instance_file(i)) else None))
     picture = samples_picture(voc12_root, ids, columns)
     with atomic_path(os.path.join(work_dir, "samples.png")) as tmp:
         picture.save(tmp, format="PNG")

@@ -12,7 +12,6 @@ import zipfile
 
 import numpy as np
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -70,5 +70,6 @@ def run(args):
     steptools.require_files(args.ir_label_cam_dir, ids, ".npz", "CAM files of --infer_list",
                             "run make_cam / make_advcam on the same --infer_list first (set --ir_label_cam_dir)")
     # CPU work whatever the device: --num_workers processes (per rank under torchrun)
-    steptools.run_pending("cam_to_ir_label", ids, args.ir_label_out_dir, ".png", provenance_inputs(args), args, "--ir_label_out_dir",
+    steptools.run_pending("cam_to_ir_label", ids, args.ir_label_out_dir, ".png", provenance_inputs(args), args,
+                          "--ir_label_out_dir",
                           setup, (args,), write, n_processes=max(1, args.num_workers))

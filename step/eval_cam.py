@@ -1,4 +1,5 @@
-"""Evaluate CAMs (docs/method.md §4.5), IRN's step/eval_cam.py: mIoU of `high_res` CAMs against the ground truth for a threshold sweep.
+"""Evaluate CAMs (docs/method.md §4.5), IRN's step/eval_cam.py: mIoU of `high_res` CAMs against the ground truth
+for a threshold sweep.
 
 For threshold t the prediction is the arg-max over [constant background t, class maps] (ties to the
 background), index i -> keys[i-1] + 1. One confusion matrix per threshold is accumulated in a single

@@ -1,18 +1,12 @@
 """DeepLab-v2 predictions and their mIoU (docs/method.md §8), deeplab-pytorch's `main.py test` and `main.py crf`.
 
-Per image of args.seg_eval_list (val): the whole image (BGR, mean-subtracted, no resize, batch 1) -> MSC max
-logits -> bilinear up-sampling to (H, W) -> soft-max -> arg-max, and with args.seg_crf the dense CRF of
-deeplab-pytorch on that soft-max first (10 iterations; Gaussian sxy 1, compat 3; bilateral sxy 67, srgb 3,
-compat 4). Its bilateral image is, as in deeplab-pytorch, the mean-subtracted BGR float image cast with
-`astype(uint8)` (negative values wrap); args.seg_crf_real_image passes the real RGB image (Deviations).
-
-Also predicts the first images of args.chainer_eval_set into `<work_dir>/<seg_name>_samples` (CRF ones when
-args.seg_crf), the segmentation column of samples.png. Writes `<work_dir>/<seg_name>_<split>[_crf]/<id>.png` (class values) and a palette copy in `..._color/`,
-and the summary.json entries `<seg_name>_<split>` and `<seg_name>_<split>_crf` (misc.metrics, 21 classes).
-For args.seg_test_list, when its list and images exist, palette PNGs in the VOC evaluation server's layout
-`<work_dir>/<seg_name>_test/results/VOC2012/Segmentation/comp6_test_cls/<id>.png` (CRF ones when
-args.seg_crf), ready to zip and upload. Resumable: images whose PNGs exist are read back, not recomputed, if the
-folder's provenance record says the same network made them (misc/provenance.py).
+Per image of --seg_eval_list (val): the MSC max logits of the whole image, up-sampled, soft-max, arg-max; with
+--seg_crf also after deeplab-pytorch's dense CRF, whose image is, as released, the mean-subtracted BGR image cast
+to uint8 (--seg_crf_real_image: the real image; docs/deviations.md). Writes `<work_dir>/<seg_name>_<split>[_crf]/
+<id>.png` (class values; palette copies in `..._color/`), the summary.json entries `<seg_name>_<split>[_crf]`,
+the samples.png column (`<seg_name>_samples`) and, when the test list and images exist, the VOC server's layout
+`<work_dir>/<seg_name>_test/results/VOC2012/Segmentation/comp6_test_cls/`. Resumable: predictions made by the
+same network (provenance record) are kept.
 """
 import os
 

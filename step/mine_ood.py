@@ -6,14 +6,12 @@ resized to args.ood_long_side: score = max_c sigmoid(logits)_c. A candidate fool
 (score > args.mine_th) is a hard OoD. Kept: the hard ones not listed in args.mine_exclude (the
 human check), sorted by score (highest first, ties in list order), at most args.mine_max_keep.
 
-Writes args.ood_list (paths relative to args.ood_pool_root, the --ood_root of train_wood),
-<work_dir>/ood_scores.tsv (every candidate: path, score, top class, kept, why) and
-<work_dir>/ood_contact.png (thumbnails of the kept images with score and class, for the human check;
-pages of CONTACT_PER_PAGE thumbnails: ood_contact.png, ood_contact_2.png, ...). An existing
-args.ood_list is never overwritten (it may be a released list): delete it to mine again.
-Also <work_dir>/ood_review.html (wood/review.py, docs/review.md): the human check as a static page, kept
-candidates and the args.review_below best below the threshold (greyed) with the CAM of their top class (one
-scale, 1.0), whose marks export the args.mine_exclude file.
+Writes --ood_list (paths relative to --ood_pool_root, the --ood_root of train_wood) with its provenance
+record (a list made by the same inputs, or a released one without a record, is kept and the step skipped),
+<work_dir>/ood_scores.tsv (every candidate: path, score, top class, kept, why), the contact sheets
+<work_dir>/ood_contact*.png and the review page <work_dir>/ood_review.html (wood/review.py, docs/review.md):
+the kept candidates and the --review_below best below the threshold (greyed) with the CAM of their top class
+(scale 1.0), whose marks export the --mine_exclude file.
 When the pool has a ToyVOC manifest (<ood_pool_root>/manifest.json, [{"path", "hard", "cue"}]) the
 step prints the precision and recall of the kept list against its "hard" flags.
 """
@@ -132,7 +130,8 @@ def provenance_inputs(args):
                                                                         "train_cam (--train_cam_pass true) first"),
             "candidates": provenance.input_file(args.ood_pool_list, "the candidate OoD list (--ood_pool_list)"),
             "exclusions": provenance.file_digest(args.mine_exclude),
-            **provenance.flag_values(args, ["ood_pool_root", "backbone_width", "ood_long_side", "mine_th", "mine_max_keep"]),
+            **provenance.flag_values(args, ["ood_pool_root", "backbone_width", "ood_long_side", "mine_th",
+                                            "mine_max_keep"]),
             **provenance.non_default_flags(args, {"backbone": "resnet50"})}
 
 

@@ -1,13 +1,11 @@
 """Train the inter-pixel relation network (docs/method.md §5.2), IRN's step/train_irn.py.
 
-Affinity training on args.train_list with the IR labels of args.ir_label_out_dir (cam_to_ir_label):
-random_scale(0.5, 1.5), flip, random crop of args.irn_crop_size, labels on the stride-4 grid, pairs
-within args.irn_radius. Poly SGD (docs/method.md §3): boundary branch lr x1, displacement branch lr x10.
-Afterwards the mean displacement over args.infer_list (top-left crops, whole batches only) becomes
-the mean-shift vector. Saves the state dict to args.irn_weights_name with its provenance record; a file
-made by the same inputs is kept and the step skipped.
+Reads the IR labels of --train_list (--ir_label_out_dir, from cam_to_ir_label) and the ImageNet backbone (or,
+with --pretrained none, the ID classifier's); trains the boundary and displacement branches on random crops of
+--irn_crop_size with pairs within --irn_radius, then sets the mean-shift vector to the mean displacement over
+--infer_list. Writes --irn_weights_name with its provenance record (kept, and the step skipped, when made by the
+same inputs). A non-finite loss, gradient or weight stops the step, nothing saved.
 """
-import os
 
 import torch
 from torch.utils.data import DataLoader

@@ -1,19 +1,12 @@
-"""Train DeepLab-v2 on the pseudo masks (docs/method.md §8), deeplab-pytorch's `main.py train` with configs/voc12.yaml.
+"""Train DeepLab-v2 on the pseudo masks (docs/method.md §8), deeplab-pytorch's `main.py train` (configs/voc12.yaml).
 
-Images of args.seg_train_list (train_aug), labels `<seg_label_dir>/<id>.png` (the pipeline's pseudo masks
-by default; SegmentationClassAug gives the fully supervised upper bound with the same code). Per image:
-scale chosen from args.seg_scales (image bilinear, label nearest), pad bottom/right to the crop with the
-mean colour / 255, random crop, random flip, BGR mean subtraction. Batch args.seg_batch_size x
-args.seg_iter_size accumulated sub-batches per update; loss = cross-entropy (ignore 255) summed over the
-4 MSC outputs against nearest-resized labels, / iter_size. SGD momentum 0.9: backbone convolutions (lr,
-wd), ASPP weights (10 lr, wd), ASPP biases (20 lr, no wd); poly lr set every args.seg_lr_step updates.
-
-Resumable: every args.seg_save_every updates a checkpoint (weights, optimizer, update count, torch RNG)
-is written atomically to `<seg_weights_name>.ckpt`; a re-run continues from it. The sample stream (image
-order and augmentation draws) is a pure function of (seed, sample index), so a resumed run sees the same
-batches as an uninterrupted one and ends with the same weights. Final weights (deeplab-pytorch's MSC key
-layout) go to args.seg_weights_name; the step is skipped when that file exists and its provenance record
-matches (misc/provenance.py); a checkpoint is resumed only by a run of the same inputs.
+Reads the images of --seg_train_list and their labels `<seg_label_dir>/<id>.png` (the pseudo masks by default;
+SegmentationClassAug gives the fully supervised upper bound with the same code) and the ImageNet init
+--seg_init_weights; trains with deeplab-pytorch's recipe (augmentation in voc12/segmentation.py, loss and
+parameter groups in net/deeplab_v2.py). Writes --seg_weights_name (deeplab-pytorch's MSC key layout) with its
+provenance record. Resumable: a checkpoint `<seg_weights_name>.ckpt` every --seg_save_every updates, and the
+sample stream depends on (seed, sample index) only, so a resumed run ends with the weights of an uninterrupted
+one. A non-finite loss stops the step before the update (the last checkpoint stays good).
 """
 import json
 import os

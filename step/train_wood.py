@@ -1,34 +1,21 @@
-"""W-OoD fine-tuning (docs/method.md §4.3): the ID classifier learns to tell the classes from hard OoD images.
+"""W-OoD fine-tuning (docs/method.md §4.3), W-OoD's train_wood: the ID classifier learns to tell the classes
+from hard OoD images.
 
-Starts from the ID classifier (args.cam_weights_name). Before training, with those weights in eval
-mode: the class prototypes (mean GAP(stage4) feature per class over args.train_list, full images)
-and the OoD prototypes (K-means of the OoD features, K = args.cluster_K). Each step, with an ID batch
-(x, y) and an OoD batch o from its own shuffled loader that restarts when exhausted:
-
-    L = BCE(logits(x), y) + distance_lambda * L_dist(x; prototypes) + ood_coeff * L_ood(anti-adversarial o)
-
-(wood/losses.py). Optimizer: poly SGD over stage3 + stage4 (lr x1) and the classifier (lr x10).
-After each epoch the validation loss is printed.
-
-Checkpoint selection (args.select_by_gt, on by default as in the released code; it uses the
-pixel-level ground truth of args.chainer_eval_set): in the last epoch, at every step whose 0-based
-index within the epoch exceeds 3/4 of the epoch's length and is a multiple of args.select_every
-(as released, before that step's update; --select_before_update false: after it), and once after
-training, CAMs (make_cam's maths, scales args.select_scales) are scored at thresholds
-args.select_eval_thres (as released, with the confusion matrix accumulating over the thresholds,
-step.eval_cam.accumulated_sweep; --select_accumulate false: one matrix per threshold); the weights
-with the best mIoU so far are kept (ties keep the earlier ones). With it off, the final weights are saved. Output: args.wood_weights_name,
-written atomically; if it exists, made by the same inputs (misc/provenance.py), the step is skipped. The prototypes are also saved, for
-inspection only, to <work_dir>/wood_prototypes.npz.
+Reads the ID classifier (--cam_weights_name), the hard OoD list (--ood_list under --ood_root) and --train_list;
+computes the class and K-means OoD prototypes with the starting weights, then trains stage3, stage4 and the
+classifier on L = BCE + distance_lambda * L_dist + ood_coeff * L_ood (wood/losses.py). As released, the weights
+kept are those of the best train-set CAM mIoU among the evaluations of the last quarter of the last epoch
+(--select_by_gt, ground truth used; false: the final weights). Writes --wood_weights_name with its provenance
+record (kept, and the step skipped, when made by the same inputs) and, for inspection, <work_dir>/
+wood_prototypes.npz. A non-finite loss, gradient, validation loss or weight stops the step, nothing saved.
 """
 import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-
-import torch.nn.functional as F
 
 from misc import dist, provenance, steptools
 from misc.cam import cam_maps, keep_label_classes
@@ -37,9 +24,8 @@ from misc.torchutils import make_poly_optimizer, precision_context, require_fini
 from misc.utils import InputError, save_npz
 from net.classifier import build_classifier, load_classifier
 from net.resnet50_cam import PARAM_GROUP_LR_MULT
+from voc12.dataloader import VOC12ClassificationDataset, VOC12ClassificationDatasetMSF, load_gt, load_img_name_list
 from wood import losses
-from voc12.dataloader import (VOC12ClassificationDataset, VOC12ClassificationDatasetMSF, load_gt,
-                              load_img_name_list)
 from wood.data import OoDClassificationDataset, load_ood_list
 from wood.prototypes import checked_batches, id_prototypes, ood_prototypes
 

@@ -1,4 +1,5 @@
-"""step/make_advcam.py: the batched AdvCAM equals the literal per-image, per-scale, per-class loop of docs/method.md §4.6
+"""misc/advcam.py: the batched AdvCAM equals the literal per-image, per-scale, per-class loop of docs/method.md
+§4.6
 (bench/advcam_speed.py's `literal_image_advcam`, the baseline of the speed bench)."""
 import argparse
 import os
@@ -11,13 +12,12 @@ import torch.nn.functional as F
 import run_sample
 from bench.advcam_speed import literal_class_run, literal_image_advcam
 from fakevoc import advcam_rule, driver_args
+from misc import advcam
+from misc.advcam import accumulation_multiplier, adv_iterations, advcam_regions, image_advcam, scale_processing_order
 from misc.batching import same_size_groups
 from misc.utils import InputError, load_npz, save_torch
 from net.resnet50_cam import Net
-from misc import advcam
 from step import make_advcam
-from misc.advcam import (accumulation_multiplier, adv_iterations, advcam_regions, image_advcam,
-                         scale_processing_order)
 from voc12.dataloader import VOC12ClassificationDatasetMSF
 
 torch.set_num_threads(1)  # the test machine's 2 cores are shared: more threads only contend
@@ -69,7 +69,8 @@ def test_image_advcam_equals_literal_per_class_per_scale(model64):
     label = torch.zeros(20)
     label[[2, 5]] = 1
     args = driver_args(adv_iter=12)
-    got = image_advcam(model64, msf, (height, width), label, *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
+    got = image_advcam(model64, msf, (height, width), label, *advcam_rule(args), amp=args.amp,
+                       channels_last=args.channels_last)
     assert got["keys"].tolist() == [2, 5] and got["keys"].dtype == np.int64
     assert got["cam"].shape == (2, 13, 15) and got["high_res"].shape == (2, height, width)
     cam, high_res = literal_image_advcam(model64, msf, (height, width), [2, 5], 12, 7.0, 0.08, 0.5)
@@ -103,7 +104,8 @@ def test_several_images_in_one_batch_equal_the_literal_loop(model64):
     labels = labels_of([1, 9], [], [9])
     args = driver_args(adv_iter=7)
     got = advcam.group_advcam(model64, [(msf_of(img, (1.0, 0.5)), size, label)
-                                             for img, label in zip(imgs, labels)], *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
+                                             for img, label in zip(imgs, labels)], *advcam_rule(args),
+                                   amp=args.amp, channels_last=args.channels_last)
     assert [r["keys"].tolist() for r in got] == [[1, 9], [], [9]]
     assert got[1]["cam"].shape == (0, 10, 13) and got[1]["high_res"].shape == (0, 40, 52)
     for img, label, result in zip(imgs, labels, got):
@@ -116,7 +118,8 @@ def test_several_images_in_one_batch_equal_the_literal_loop(model64):
         np.testing.assert_allclose(result["high_res"], high_res.numpy().astype(np.float32), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="one size"):
         advcam.group_advcam(model64, [(msf_of(imgs[0], (1.0,)), size, labels[0]),
-                                           (msf_of(imgs[0][:, :32], (1.0,)), (32, 52), labels[0])], *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
+                                           (msf_of(imgs[0][:, :32], (1.0,)), (32, 52), labels[0])],
+                            *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +212,8 @@ def test_run_writes_make_cam_format_resumes_and_pool_equals_single(advcam_args, 
         assert saved["keys"].tolist() == np.nonzero(fake_voc["labels"][img_id])[0].tolist()
         assert saved["cam"].dtype == np.float32 and saved["high_res"].shape[1:] == (64, 64)
         pack = dataset[i]
-        expected = image_advcam(model, pack["img"], pack["size"], pack["label"], *advcam_rule(args), amp=args.amp, channels_last=args.channels_last)
+        expected = image_advcam(model, pack["img"], pack["size"], pack["label"], *advcam_rule(args), amp=args.amp,
+                                channels_last=args.channels_last)
         for key in saved:
             np.testing.assert_array_equal(saved[key], expected[key])
     # resume: existing outputs are skipped

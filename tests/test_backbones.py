@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_distributed import pipeline_argv, run_driver
 
 import run_sample
 from fakevoc import make_fake_voc, random_bn_statistics
@@ -19,7 +20,6 @@ from net.classifier import build_classifier, load_classifier
 from net.resnet import BACKBONES, FixedBatchNorm, ResNet, build_backbone, imagenet_file
 from net.resnet50 import ResNet50
 from net.resnet50_cam import CAM, Net
-from test_distributed import pipeline_argv, run_driver
 
 WIDTH = 8
 ARCHS = ["resnet50", "resnet101"]

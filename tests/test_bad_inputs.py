@@ -21,12 +21,20 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_resume import (
+    EXIT_TIMEOUT_S,
+    LAUNCHER,
+    ROOT,
+    START_TIMEOUT_S,
+    make_cam_argv,
+    make_random_weights,
+    subprocess_env,
+    tail,
+)
 
 import run_sample
 from misc.torchutils import TrainingDiverged, require_finite
 from misc.utils import load_npz, palette_voc, save_npz, save_png
-from test_resume import (EXIT_TIMEOUT_S, LAUNCHER, ROOT, START_TIMEOUT_S, make_cam_argv, make_random_weights,
-                         subprocess_env, tail)
 from voc12.dataloader import load_img_name_list, read_index_png
 
 WIDTH = 8

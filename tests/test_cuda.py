@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import run_sample
-from toy import toyvoc
-from misc.report import read_summary
 from fakevoc import TINY_TOYVOC, tiny_flags
+from misc.report import read_summary
 from misc.utils import load_npz
+from toy import toyvoc
 from voc12.dataloader import read_index_png
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from misc.utils import InputError
 from misc.imutils import IMAGENET_MEAN, IMAGENET_STD
+from misc.utils import InputError
 from net.deeplab_v2 import MEAN_BGR, MSC, DeepLabV2, deeplab_v2, msc_state_dict, read_weights
 from net.resnet50 import ResNet50
 

@@ -14,7 +14,6 @@ train_irn -> make_sem_seg) on a tiny fake VOC runs once in one process and once 
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -90,7 +89,8 @@ def pipeline_argv(base, voc, work):
             "--wood_learning_rate", "0.001", "--cluster_K", "2", "--select_scales", "1.0", "0.5",
             "--select_eval_thres", "0.1", "0.3", "--select_every", "1", "--chainer_eval_set", "train",
             "--cam_scales", "1.0", "0.5", "--adv_iter", "2",
-            "--irn_crop_size", "64", "--irn_batch_size", "2", "--irn_learning_rate", "0.01", "--irn_num_epoches", "1", "--irn_radius", "5",
+            "--irn_crop_size", "64", "--irn_batch_size", "2", "--irn_learning_rate", "0.01", "--irn_num_epoches", "1",
+            "--irn_radius", "5",
             "--rw_radius", "5",
             *[f"--{s}_pass" for s in ()],
             "--train_cam_pass", "true", "--mine_ood_pass", "true", "--train_wood_pass", "true",

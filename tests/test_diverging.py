@@ -5,6 +5,11 @@ import shutil
 
 import pytest
 import torch
+from test_irn import WIDTH as IRN_WIDTH
+from test_irn import _ir_labels, _randomise, _train_args
+from test_train_seg import _args as seg_args
+from test_train_seg import _small_blocks
+from test_wood_losses import wood_setup  # noqa: F401 (a fixture)
 
 import run_sample
 from fakevoc import make_fake_voc
@@ -12,11 +17,6 @@ from misc import steptools
 from misc.torchutils import TrainingDiverged
 from misc.utils import save_torch
 from step import train_irn, train_seg, train_wood
-from test_irn import WIDTH as IRN_WIDTH
-from test_irn import _ir_labels, _randomise, _train_args
-from test_train_seg import _args as seg_args
-from test_train_seg import _small_blocks
-from test_wood_losses import wood_setup  # noqa: F401 (a fixture)
 
 
 def test_train_cam_from_scratch_at_a_huge_learning_rate_stops_as_a_user_sees_it(tmp_path, capsys):

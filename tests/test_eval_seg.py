@@ -1,4 +1,5 @@
-"""eval_seg (docs/method.md §8): the CRF image quirk, the CRF toward edges, predictions, summary entries, server layout."""
+"""eval_seg (docs/method.md §8): the CRF image quirk, the CRF toward edges, predictions, summary entries, server
+layout."""
 import os
 
 import numpy as np

@@ -5,13 +5,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_indexing import literal_path
 
 from misc import imutils, indexing
 from misc.utils import InputError, save_png, save_torch
 from net import resnet50_cam
 from net import resnet50_irn as irn
 from step import train_irn
-from test_indexing import literal_path
 
 WIDTH = 8
 

@@ -9,13 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fakevoc import driver_args, make_fake_voc, random_bn_statistics
-from misc import imutils
+from misc import cam as cam_maths
+from misc import imutils, metrics
 from misc.metrics import cam_to_label, confusion_matrix, scores
 from misc.torchutils import frozen_cpu_graph
 from misc.utils import InputError, load_npz, save_npz, save_torch
 from net.resnet50_cam import CAM
-from misc import cam as cam_maths
-from misc import metrics
 from step import eval_cam, make_cam
 
 WIDTH = 8
@@ -42,7 +41,7 @@ def setup(tmp_path_factory):
 
 
 def literal_cam(model, voc12_root, img_id, label, scales):
-    """docs/method.md §4.4 followed literally: one image, one scale at a time, the CAM formula of docs/method.md §2.2."""
+    """docs/method.md §4.4 followed literally: one image, one scale at a time, the CAM formula of §2.2."""
     img = imutils.read_rgb(os.path.join(voc12_root, "JPEGImages", img_id + ".jpg"))
     H, W = img.shape[:2]
     strided_size = ((H - 1) // 4 + 1, (W - 1) // 4 + 1)

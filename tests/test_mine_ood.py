@@ -11,9 +11,9 @@ from PIL import Image
 from misc.utils import InputError, save_torch
 from net.resnet50_cam import Net
 from step import mine_ood
-from wood.mining import hard_ood_scores, mining_quality, select_hard_ood
 from voc12.dataloader import CAT_LIST
 from wood.data import OoDFeatureDataset
+from wood.mining import hard_ood_scores, mining_quality, select_hard_ood
 
 torch.set_num_threads(1)  # the test machine's 2 cores are shared: more threads only contend
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_indexing import literal_walk_affinity
 
 from misc import indexing
 from misc.utils import InputError, save_npz, save_torch
 from net.resnet50_irn import EdgeDisplacement
 from step import make_sem_seg_labels as msl
-from test_indexing import literal_walk_affinity
 
 # float32 products accumulate rounding over 2^8 steps (measured: ~7e-5 of the maximum)
 REL_TOL = 3e-4

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import run_sample
+from net.classifier import load_classifier
 from step import mine_ood, train_cam
 from tests.fakevoc import make_fake_voc
 from tests.test_cam_net import WIDTH, OriginalStyleNet
-from net.classifier import load_classifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

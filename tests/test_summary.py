@@ -6,7 +6,7 @@ from PIL import Image
 
 from fakevoc import make_fake_voc
 from misc import summary
-from misc.report import add_to_summary
+from misc.report import add_to_summary, read_summary
 from misc.utils import save_npz, save_png
 
 
@@ -56,3 +56,30 @@ def test_report_writes_summary_md_and_a_samples_grid(tmp_path):
     # the segmentation network's column: the first image's prediction, blank for the others
     assert np.array_equal(grid[16:16 + 48, 6 * 128:6 * 128 + 48], summary._colour(voc["gt"][voc["train"][0]]))
     assert (grid[16 + 128:, 6 * 128:] == 255).all()
+
+
+def test_instance_entries_get_their_own_table_and_samples_an_instance_column(tmp_path):
+    voc = make_fake_voc(tmp_path / "VOC2012", n_train=2, n_val=1, size=48, seed=0)
+    work = tmp_path / "work"
+    ap = {c: None for c in [f"c{i}" for i in range(20)]}
+    ap["c0"], ap["c2"] = 30.0, 20.0
+    add_to_summary(str(work), entry("pseudo_mask", "eval_sem_seg", 30.0, None, 50.0))
+    add_to_summary(str(work), {"name": "ins_seg", "step": "eval_ins_seg", "map": 25.0, "ap": ap, "coco_ap50": 22.5,
+                               "iou_thresh": 0.5, "images": 2, "eval_set": "train"})
+    text = summary.summary_markdown(read_summary(str(work)))
+    assert "| ins_seg | eval_ins_seg | 2 | 25.0 | 22.5 | 46.7 (IRN's instance masks, train, ResNet-50) |" in text
+    assert "| c0 | 30.0 |" in text and "| c1 |" not in text and "| pseudo_mask | eval_sem_seg |" in text
+    assert text.index("| pseudo_mask |") < text.index("| ins_seg |")
+    # two detections of the first image: the higher score drawn on top in palette colour 1, the other colour 2;
+    # a score below 1e-5 is not drawn
+    masks = np.zeros((3, 48, 48), bool)
+    masks[0, 0:10, 0:10] = masks[1, 5:20, 5:20] = masks[2, 40:, 40:] = True
+    save_npz(str(work / "ins_seg" / f"{voc['train'][0]}.npz"), score=np.array([0.4, 0.9, 0.0], np.float32),
+             mask=masks, **{"class": np.array([0, 2, 2])})
+    summary.write_report(str(work), voc["root"], n_samples=8)
+    grid = np.asarray(Image.open(work / "samples.png"))
+    assert grid.shape == (16 + 128 * 2, 128 * 8, 3)   # 8 columns: the instances last
+    tile = grid[16:16 + 48, 7 * 128:7 * 128 + 48]
+    palette = summary.palette_voc()
+    assert (tile[10, 10] == palette[1]).all() and (tile[2, 2] == palette[2]).all() and (tile[45, 45] == 0).all()
+    assert (grid[16 + 128:, 7 * 128:] == 255).all()   # no instance file for the second image: blank

@@ -10,8 +10,8 @@ import torch
 import run_sample
 from misc import provenance
 from misc.utils import InputError
-from toy import toynet, toyvoc
 from net.resnet50 import resnet50
+from toy import toynet, toyvoc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,5 @@
-"""train_seg (docs/method.md §8): augmentation, the MSC loss, parameter groups, the poly rule, resume, the finite check."""
+"""train_seg (docs/method.md §8): augmentation, the MSC loss, parameter groups, the poly rule, resume, the finite
+check."""
 import os
 import random
 import shutil
@@ -10,11 +11,10 @@ import torch.nn.functional as F
 
 import run_sample
 from fakevoc import make_fake_voc
-from misc.utils import InputError, load_torch
-from net.deeplab_v2 import deeplab_v2
 from misc import imutils
+from misc.utils import InputError, load_torch
+from net.deeplab_v2 import MEAN_BGR, deeplab_v2, msc_loss, param_groups, poly_lr
 from step import train_seg
-from net.deeplab_v2 import MEAN_BGR, msc_loss, param_groups, poly_lr
 from voc12.segmentation import augment
 
 
@@ -165,7 +165,8 @@ def test_non_finite_loss_stops_the_step(voc, tmp_path, monkeypatch):
     info = {**info, "root": str(tmp_path / "VOC2012")}
     monkeypatch.setattr(train_seg, "msc_loss", lambda outputs, *a: outputs[0].sum() * float("nan"))
     args = _args(tmp_path, info)
-    with pytest.raises(InputError, match="train_seg diverged: the loss is nan at epoch 1 iteration 1; nothing was saved"):
+    with pytest.raises(InputError, match="train_seg diverged: the loss is nan at epoch 1 iteration 1; nothing was "
+                                         "saved"):
         train_seg.run(args)
     assert not (tmp_path / "w" / "deeplab.pth").exists()
 

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from misc.utils import (InputError, atomic_path, load_npz, load_torch, palette_voc, pending, save_npz,
-                        save_torch)
+from misc.utils import InputError, atomic_path, load_npz, load_torch, palette_voc, pending, save_npz, save_torch
 
 
 def test_atomic_path_keeps_nothing_on_failure(tmp_path):

@@ -16,9 +16,15 @@ from misc.utils import InputError, load_torch, save_torch
 from net.resnet50_cam import Net
 from step import train_wood
 from step.train_wood import selection_due
-from wood.losses import wood_loss
-from wood.losses import (anti_adversarial_ood_step, classification_loss, distance_loss, ood_distance_threshold,
-                         ood_negative_loss, prototype_distances)
+from wood.losses import (
+    anti_adversarial_ood_step,
+    classification_loss,
+    distance_loss,
+    ood_distance_threshold,
+    ood_negative_loss,
+    prototype_distances,
+    wood_loss,
+)
 
 torch.set_num_threads(1)  # the test machine's 2 cores are shared: more threads only contend
 
@@ -317,7 +323,8 @@ def test_train_wood_selection_after_the_update_and_per_threshold(wood_setup, mon
     args.select_before_update, args.select_accumulate = False, False
     sweeps = []
     independent = train_wood.sweep_thresholds
-    monkeypatch.setattr(train_wood, "sweep_thresholds", lambda *a, **k: sweeps.append("independent") or independent(*a, **k))
+    monkeypatch.setattr(train_wood, "sweep_thresholds",
+                        lambda *a, **k: sweeps.append("independent") or independent(*a, **k))
     offers = []
     original_offer = train_wood.CheckpointSelector.offer
     monkeypatch.setattr(train_wood.CheckpointSelector, "offer",

@@ -23,18 +23,16 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_sample  # noqa: E402
 from misc import indexing  # noqa: E402
-from misc.metrics import confusion_matrix, scores  # noqa: E402
-from net.resnet50_irn import FEATURE_STRIDE, load_edge_displacement  # noqa: E402
 from misc.camfile import read_cam_file  # noqa: E402
 from misc.indexing import walk_to_label  # noqa: E402
-from voc12.dataloader import (VOC12ClassificationDatasetMSF, load_gt, load_img_name_list,  # noqa: E402
-                              read_index_png)
+from misc.metrics import confusion_matrix, scores  # noqa: E402
+from net.resnet50_irn import FEATURE_STRIDE, load_edge_displacement  # noqa: E402
+from voc12.dataloader import VOC12ClassificationDatasetMSF, load_gt, load_img_name_list, read_index_png  # noqa: E402
 
 BG_SCORES = [0.1, 0.15, 0.22, 0.3, 0.4, 0.5, 0.6]
 VARIANTS = ["seeds", "walk_irn", "walk_ir_edges", "walk_gt_edges"]

@@ -21,10 +21,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_sample  # noqa: E402
-from misc.metrics import IGNORE, confusion_matrix, scores  # noqa: E402
 from misc.camfile import read_items  # noqa: E402
-from misc.metrics import (best_threshold, labels_for_thresholds, prediction_as_label,  # noqa: E402
-                          sweep_thresholds)
+from misc.metrics import (  # noqa: E402  # noqa: E402
+    IGNORE,
+    best_threshold,
+    confusion_matrix,
+    labels_for_thresholds,
+    prediction_as_label,
+    scores,
+    sweep_thresholds,
+)
 from voc12.dataloader import load_img_name_list, read_index_png  # noqa: E402
 
 KINDS = ("object", "own cue", "other background")

@@ -35,12 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from misc import imutils
+from misc import imutils, provenance
 from misc.torchutils import gap2d, make_poly_optimizer
-from toy.toyvoc import CUE_PAINTERS, TOP_CLASSES, TOY_CLASSES, draw_visible_scene, image_size
-from misc import provenance
 from misc.utils import InputError
 from net.resnet50 import ResNet50
+from toy.toyvoc import CUE_PAINTERS, TOP_CLASSES, TOY_CLASSES, draw_visible_scene, image_size
 
 STREAM_TOYNET = 4                                     # generator salt, apart from toy.toyvoc's streams
 STUFF_KINDS = tuple(CUE_PAINTERS) + ("generic",)       # 6 cues + generic stuff

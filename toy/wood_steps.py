@@ -10,8 +10,8 @@ ID batch and of the anti-adversarial OoD batch, and the classifier's weight norm
 driver reports "interrupted"; nothing is saved). One line per step.
 """
 import argparse
-import sys
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
