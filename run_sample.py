@@ -56,7 +56,8 @@ OUTPUT_NEUTRAL = {
     "make_ins_seg": {"ins_seg_out_dir": "the output folder itself"},
     "train_seg": {"seg_name": "names the output file", "seg_weights_name": "the output file itself",
                   "seg_save_every": "how often a checkpoint is kept; a resumed run ends with the same weights",
-                  **{flag: "eval_seg's" for flag in ("seg_eval_list", "seg_test_list", "seg_crf", "seg_crf_real_image")}},
+                  **{flag: "eval_seg's"
+                     for flag in ("seg_eval_list", "seg_test_list", "seg_crf", "seg_crf_real_image")}},
     "eval_seg": {"seg_name": "names the output folders", "seg_eval_list": "which images, not what each becomes",
                  "seg_test_list": "which images, not what each becomes",
                  **{flag: "train_seg's: they reach the predictions through the weights file, recorded by its hash"
@@ -102,13 +103,13 @@ PRESETS = {
         # radii on the stride-4 grid scale with it: IRN's 10 of a 128-cell crop -> 3 of 40, the walk's 5 on
         # ~125-cell VOC images -> 2 on ~40-cell toy images (docs/toy.md "The IRN stage on the toy")
         irn_radius=3, rw_radius=2,
-        cam_num_epoches=25, wood_num_epoches=25, irn_num_epoches=8,  # W-OoD gets the ID classifier's epochs, as in the paper (5 and 5)
+        # W-OoD gets the ID classifier's epochs, as in the paper (5 and 5)
+        cam_num_epoches=25, wood_num_epoches=25, irn_num_epoches=8,
         cluster_K=8, adv_iter=8, num_workers=2, cpu_threads=1,
         # the toy's ID classifier leans on its cues harder than an ImageNet-started one on VOC (every hard
         # candidate fools it): the OoD push-down needs far more than the paper's 0.25 (docs/toy.md "The cue's
         # reach and W-OoD's weight on the toy"); 4.0 at the paper's learning rate overshot and diverged on some
-        # seeds, a quarter of that rate trains on every seed, and there 8.0 gains more than 4.0 (docs/toy.md,
-        # issue 14)
+        # seeds, a quarter of that rate trains on every seed, and there 8.0 gains more than 4.0 (docs/toy.md)
         ood_coeff=8.0, wood_learning_rate=0.025,
         cam_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
         select_eval_thres=[round(0.05 * i, 2) for i in range(1, 13)],
@@ -326,7 +327,8 @@ def build_parser():
     g.add_argument("--seg_momentum", type=non_negative, default=0.9)
     g.add_argument("--seg_weight_decay", type=non_negative, default=5e-4)
     g.add_argument("--seg_poly_power", type=positive, default=0.9)
-    g.add_argument("--seg_lr_step", type=positive_int, default=10, help="the poly lr is updated every this many updates")
+    g.add_argument("--seg_lr_step", type=positive_int, default=10,
+                   help="the poly lr is updated every this many updates")
     g.add_argument("--seg_crop_size", type=positive_int, default=321)
     g.add_argument("--seg_scales", type=positive, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5])
     g.add_argument("--seg_save_every", type=positive_int, default=1000, help="checkpoint every this many updates")

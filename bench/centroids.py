@@ -49,8 +49,9 @@ def main():
     a = p.parse_args()
 
     import torch
-    from misc.instance import find_centroids_with_refinement
     from test_instance import release_find_centroids_with_refinement
+
+    from misc.instance import find_centroids_with_refinement
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     field = make_field(a.height, a.width)

@@ -3,7 +3,7 @@ AP at IoU 0.5 through pycocotools, printed beside the VOC AP as a cross-check (n
 
 COCO ids as the release: image id = int of the image name without its underscore ("2007_000032" ->
 2007000032); category id = the 0-based VOC class; one annotation per detection with score >= 1e-5, its mask
-as an uncompressed-then-compressed RLE (pycocotools.mask.encode, counts as text). The release reads its
+as COCO's compressed RLE (pycocotools.mask.encode, counts as text). The release reads its
 categories from a pascal_val2012.json it does not ship: the 20 VOC categories are written here.
 """
 import contextlib
@@ -54,14 +54,15 @@ def image_entry(name, image_size):
 def detection_annotations(name, det, first_id):
     """The annotations (with scores) of one image's detections dict, ids from `first_id`; scores < 1e-5 left out."""
     kept = [(mask, category, score) for score, mask, category in zip(det["score"], det["mask"], det["class"])
-            if score >= MIN_SCORE]
+            if float(score) >= MIN_SCORE]  # in float64, as the release compared
     return [_annotation(first_id + k, image_id(name), category, mask, score)
             for k, (mask, category, score) in enumerate(kept)]
 
 
 def ground_truth_annotations(name, masks, labels, first_id):
     """The annotations of one image's ground-truth instances (masks (K, H, W), 0-based labels (K,))."""
-    return [_annotation(first_id + k, image_id(name), label, mask) for k, (mask, label) in enumerate(zip(masks, labels))]
+    return [_annotation(first_id + k, image_id(name), label, mask)
+            for k, (mask, label) in enumerate(zip(masks, labels))]
 
 
 def new_coco():

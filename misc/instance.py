@@ -64,27 +64,34 @@ def find_centroids_with_refinement(displacement, iterations=300):
         raise ValueError(f"displacement must be (2, h, w), got {tuple(displacement.shape)}")
     height, width = displacement.shape[1:]
     device = displacement.device
-    # (dy, dx) of every cell as rows, float32 values exactly in float64: one row look-up serves both coordinates
-    field = displacement.to(torch.float32).reshape(2, -1).t().contiguous().to(torch.float64)
+    n_cells = height * width
+    field = displacement.to(torch.float32).reshape(-1).to(torch.float64)  # dy then dx, float32 values exactly
+    channel_start = torch.tensor([0, n_cells], device=device).view(2, 1, 1, 1)
     grid = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
-    position = torch.stack(grid, dim=-1).reshape(-1, 2).to(torch.float64)  # (y, x) of every cell: (n, 2)
-    upper = torch.tensor([height - 1, width - 1], dtype=torch.float64, device=device)
+    position = torch.stack(grid).reshape(2, -1).to(torch.float64)        # (y, x) of every cell: (2, n)
+    upper = torch.tensor([[height - 1], [width - 1]], dtype=torch.float64, device=device)
     lower = torch.zeros_like(upper)
+    # the large per-step arrays reuse their memory (fresh allocations of this size cost page faults on a CPU)
+    both_channels = torch.empty(2, 2, 2, n_cells, dtype=torch.int64, device=device)
+    looked_up = torch.empty(2, 2, 2, n_cells, dtype=torch.float64, device=device)
+    terms = torch.empty_like(looked_up)
     for _ in range(iterations):
         low = torch.floor(position)
         frac = position - low                       # exact: the release's float64 y_c, x_c
         low_index = low.to(torch.int64)
-        corner = torch.stack([low_index + (frac > 0), low_index])  # [ceil / floor, n, y / x]; ceil = floor + [f > 0]
+        corner = torch.stack([low_index + (frac > 0), low_index])  # [ceil / floor, y / x, n]; ceil = floor + [f > 0]
         # flat index of (y of ysel, x of xsel) as [xsel, ysel, n]: the release's corners (uy, ux), (dy, ux),
-        # (uy, dx), (dy, dx) are [0, 0], [0, 1], [1, 0], [1, 1]
-        index = corner[:, None, :, 1] + corner[None, :, :, 0] * width
-        looked_up = field.index_select(0, index.reshape(-1)).view(2, 2, -1, 2)   # [xsel, ysel, n, dy / dx]
-        weight = torch.stack([frac, 1 - frac])      # [ceil / floor, n, y / x]: f at the ceil corner, 1 - f at the floor
-        terms = looked_up * weight[None, :, :, 0:1] * weight[:, None, :, 1:2]     # (d * wy) * wx, as written
-        step = terms[0, 0] + terms[0, 1] + terms[1, 0] + terms[1, 1]               # left to right, as written
-        position = (position + step).to(torch.float32).to(torch.float64)         # the release's float32 positions
+        # (uy, dx), (dy, dx) are [0, 0], [0, 1], [1, 0], [1, 1]; then both channels of the field at once
+        index = corner[:, None, 1] + corner[None, :, 0] * width
+        torch.add(index, channel_start, out=both_channels)
+        torch.index_select(field, 0, both_channels.view(-1), out=looked_up.view(-1))
+        weight = torch.stack([frac, 1 - frac])      # [ceil / floor, y / x, n]: f at the ceil corner, 1 - f at the floor
+        torch.mul(looked_up, weight[None, None, :, 0], out=terms)
+        terms.mul_(weight[None, :, None, 1])        # (d * wy) * wx, as written
+        step = terms[:, 0, 0] + terms[:, 0, 1] + terms[:, 1, 0] + terms[:, 1, 1]  # left to right, as written
+        position = (position + step).to(torch.float32).to(torch.float64)       # the release's float32 positions
         position = torch.clamp(position, min=lower, max=upper)
-    return torch.round(position).to(torch.int64).t().reshape(2, height, width)
+    return torch.round(position).to(torch.int64).reshape(2, height, width)
 
 
 def cluster_centroids(centroids, displacement, thres=2.5):

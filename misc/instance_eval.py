@@ -34,9 +34,9 @@ def mask_iou(masks_a, masks_b):
     masks_a, masks_b = np.asarray(masks_a, dtype=bool), np.asarray(masks_b, dtype=bool)
     if masks_a.shape[1:] != masks_b.shape[1:]:
         raise ValueError(f"masks of sizes {masks_a.shape[1:]} and {masks_b.shape[1:]} cannot be compared")
-    flat_a = masks_a.reshape(len(masks_a), -1).astype(np.int64)
-    flat_b = masks_b.reshape(len(masks_b), -1).astype(np.int64)
-    intersection = flat_a @ flat_b.T  # exact pixel counts
+    flat_a = masks_a.reshape(len(masks_a), -1).astype(np.float64)
+    flat_b = masks_b.reshape(len(masks_b), -1).astype(np.float64)
+    intersection = flat_a @ flat_b.T  # pixel counts, exact in float64 (BLAS: far faster than integer products)
     union = flat_a.sum(1)[:, None] + flat_b.sum(1)[None, :] - intersection
     with np.errstate(divide="ignore", invalid="ignore"):
         return (intersection / union).astype(np.float32)

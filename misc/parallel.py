@@ -10,6 +10,7 @@ Helpers never outlive the calling process: they die with it, whatever signal end
 OOM killer too: Linux's parent-death signal, and a watchdog thread elsewhere). They ignore SIGINT, so a
 Ctrl-C reaches the calling process only, which prints the one line and stops them after their item.
 """
+import collections
 import contextlib
 import ctypes
 import multiprocessing
@@ -116,3 +117,35 @@ def run_in_processes(n_items, n_proc, setup, setup_args, work_item, desc):
         torch.set_num_threads(threads)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker(parent_pid):
+    _die_with_parent(parent_pid)
+    torch.set_num_threads(1)
+
+
+def imap_in_processes(fn, jobs, n_workers, window=None):
+    """Yield `fn(*job)` for each tuple of the iterable `jobs`, in order, computed by `n_workers` spawned helper
+    processes (one torch thread each; `fn` module-level, the job's values picklable). At most `window`
+    (default 2 * n_workers) jobs are taken from `jobs` and not yet yielded: a lazy `jobs` (a network's
+    outputs, made in this process meanwhile) keeps memory bounded. A helper's exception is raised here (same
+    type and message); the helpers die with this process and ignore SIGINT, as above. With n_workers <= 1
+    everything runs in this process."""
+    if n_workers <= 1:
+        for job in jobs:
+            yield fn(*job)
+        return
+    window = window or 2 * n_workers
+    pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(os.getpid(),))
+    pending = collections.deque()
+    try:
+        for job in jobs:
+            if len(pending) >= window:
+                yield pending.popleft().result()
+            with _sigint_ignored():  # a helper may start in submit: it inherits the ignored SIGINT
+                pending.append(pool.submit(fn, *job))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

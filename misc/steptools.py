@@ -160,12 +160,12 @@ class IdDataset(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------------- training
 
-def training_step(model, optimizer, pack, device, loss_of, what, amp="none"):
-    """One update's gradients on the global batch `pack` (dict of batch tensors): this rank's slice of it, its
-    share of the loss (`loss_of(model, slice) / world`, under `amp` autocast), gradients summed over the ranks.
-    Returns the global loss (tensor) for the caller's finite check and logging; the caller steps the optimizer."""
-    dist.require_same(pack["img"], what)
-    local = {k: dist.batch_slice(v).to(device, non_blocking=True) for k, v in pack.items() if torch.is_tensor(v)}
+def training_step(model, optimizer, pack, device, loss_of, amp="none"):
+    """One update's gradients on a global batch of which `pack` (dict of batch tensors) is this rank's slice
+    (misc/sampling.py): its share of the loss (`loss_of(model, slice) / world`, under `amp` autocast), gradients
+    summed over the ranks. Returns the global loss (tensor) for the caller's finite check and logging; the caller
+    steps the optimizer."""
+    local = {k: v.to(device, non_blocking=True) for k, v in pack.items() if torch.is_tensor(v)}
     with precision_context(device, amp):
         share = loss_of(model, local) / dist.world()
     optimizer.zero_grad()
@@ -175,19 +175,17 @@ def training_step(model, optimizer, pack, device, loss_of, what, amp="none"):
 
 
 def validation_loss(model, loader, device, loss_fn):
-    """Mean per-image `loss_fn(logits, labels)` over the whole loader, in eval mode (train mode restored after).
-    Under torchrun every rank scores its rows of each batch and the sums are added."""
+    """Mean per-image `loss_fn(logits, labels)` over a validation set, in eval mode (train mode restored after).
+    `loader` gives this rank's rows of each batch (misc.sampling.rank_rows_loader); the ranks' sums are added."""
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     with torch.inference_mode():
         for pack in loader:
-            images, labels = dist.rows(pack["img"]), dist.rows(pack["label"])
-            if labels.size(0):
-                logits = model(images.to(device))
-                total += loss_fn(logits, labels.to(device)).double().cpu() * labels.size(0)
+            logits = model(pack["img"].to(device))
+            total += loss_fn(logits, pack["label"].to(device)).double().cpu() * pack["label"].size(0)
             count += pack["label"].size(0)
     model.train()
-    return float(dist.total(total)) / max(count, 1)
+    return float(dist.total(total)) / max(float(dist.total(count)), 1.0)
 
 
 def check_epoch(step, epoch, suspects, model, val_loss=None):

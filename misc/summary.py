@@ -138,8 +138,8 @@ def samples_picture(voc12_root, ids, columns, tile=128):
 
 def write_report(work_dir, voc12_root, eval_list="train", n_samples=N_SAMPLES, dirs=None):
     """Write summary.md and samples.png into work_dir; return the Markdown text."""
-    from voc12.dataloader import load_gt, load_img_name_list
     from misc.imutils import read_rgb
+    from voc12.dataloader import load_gt, load_img_name_list
     entries = read_summary(work_dir)
     text = "# W-OoD run summary\n\n" + summary_markdown(entries)
     with atomic_path(os.path.join(work_dir, "summary.md")) as tmp:

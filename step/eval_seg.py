@@ -6,7 +6,8 @@ to uint8 (--seg_crf_real_image: the real image; docs/deviations.md). Writes `<wo
 <id>.png` (class values; palette copies in `..._color/`), the summary.json entries `<seg_name>_<split>[_crf]`,
 the samples.png column (`<seg_name>_samples`) and, when the test list and images exist, the VOC server's layout
 `<work_dir>/<seg_name>_test/results/VOC2012/Segmentation/comp6_test_cls/`. Resumable: predictions made by the
-same network (provenance record) are kept.
+same network (provenance record) are kept. The network runs in this process on --device; the CRF, the arg-maxes and
+the PNG writes of each image run in --num_workers CPU processes (per rank under torchrun; 0 or 1: this process).
 """
 import os
 
@@ -19,6 +20,7 @@ from pydensecrf.utils import unary_from_softmax
 from misc import dist, provenance
 from misc.imutils import read_rgb
 from misc.metrics import score_label_folder
+from misc.parallel import imap_in_processes
 from misc.report import add_to_summary, summary_entry
 from misc.summary import N_SAMPLES
 from misc.utils import InputError, palette_voc, save_png
@@ -100,11 +102,26 @@ def provenance_inputs(args, kind="crf"):
     return inputs
 
 
+def write_predictions(folders, img_id, prob, crf_image):
+    """Arg-max of the soft-max `prob` (C, H, W) and, with a "crf" folder, arg-max after the dense CRF of
+    `crf_image` (docs/method.md §8), written into `folders` (palette copies in `..._color/`; the server's
+    folder last). Module-level: the CRF pool's processes run it."""
+    palette = palette_voc()
+    preds = {"plain": np.argmax(prob, axis=0).astype(np.uint8)}
+    if folders.get("crf"):
+        preds["crf"] = np.argmax(dense_crf(crf_image, prob), axis=0).astype(np.uint8)
+    for kind in ("plain", "crf"):
+        if kind in preds:
+            save_png(os.path.join(folders[kind] + "_color", img_id + ".png"), preds[kind], palette=palette)
+            save_png(os.path.join(folders[kind], img_id + ".png"), preds[kind])
+    if folders.get("server"):
+        write_server_png(folders["server"], img_id, preds.get("crf", preds["plain"]))
+
+
 def predict_split(args, model, device, ids, folders):
     """Write the predictions of `ids` into folders {"plain": dir, "crf": dir or None, "server": dir or None};
     predictions already there are kept only if the same network made them (else the step stops, or with
     --overwrite recomputes them)."""
-    palette = palette_voc()
     for kind, folder in folders.items():
         if folder:
             dist.main_first(provenance.claim_folder, folder, "eval_seg", provenance_inputs(args, kind), ".png",
@@ -115,21 +132,22 @@ def predict_split(args, model, device, ids, folders):
     last = folders.get("server") or folders.get("crf") or folders["plain"]  # the folder written last
     progress = dist.GlobalProgress([os.path.join(last, i + ".png") for i in todo],
                                    f"eval_seg: {os.path.basename(folders['plain'])}")
-    for img_id in dist.shard(todo):
-        image = read_bgr(args.voc12_root, img_id) - np.asarray(MEAN_BGR, np.float32)
-        prob = predict_prob(model, image, device)
-        preds = {"plain": np.argmax(prob, axis=0).astype(np.uint8)}
-        if folders.get("crf"):
-            crf_image = read_rgb(img_path(args.voc12_root, img_id)) if args.seg_crf_real_image \
-                else quirk_crf_image(image)
-            preds["crf"] = np.argmax(dense_crf(crf_image, prob), axis=0).astype(np.uint8)
-        for kind in ("plain", "crf"):
-            if kind in preds:
-                save_png(os.path.join(folders[kind] + "_color", img_id + ".png"), preds[kind], palette=palette)
-                save_png(os.path.join(folders[kind], img_id + ".png"), preds[kind])
-        if folders.get("server"):
-            write_server_png(folders["server"], img_id, preds.get("crf", preds["plain"]))
-        progress.update(1)
+    mine = dist.shard(todo)
+
+    def jobs():  # the network, in this process: one (folders, id, soft-max, CRF image) per image
+        for img_id in mine:
+            image = read_bgr(args.voc12_root, img_id) - np.asarray(MEAN_BGR, np.float32)
+            crf_image = None
+            if folders.get("crf"):
+                crf_image = read_rgb(img_path(args.voc12_root, img_id)) if args.seg_crf_real_image \
+                    else quirk_crf_image(image)
+            yield folders, img_id, predict_prob(model, image, device), crf_image
+
+    # the CRF (1-3 s a VOC image) in --num_workers CPU processes, at most 2 x that many images in flight;
+    # without a CRF the arg-max and writes are cheaper here than the soft-max's trip to a process
+    n_workers = min(args.num_workers, len(mine)) if folders.get("crf") else 0
+    for _ in imap_in_processes(write_predictions, jobs(), n_workers):
+        progress.update(1)  # an image is counted once all its PNGs are written
     progress.close()
     dist.barrier()  # all predictions exist before anyone scores them
 

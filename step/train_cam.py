@@ -8,10 +8,9 @@ the step is the unit of resumption: if the weights file exists and its provenanc
 """
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc import dist, provenance, steptools
+from misc import dist, provenance, sampling, steptools
 from misc.torchutils import make_poly_optimizer, require_finite
 from misc.utils import InputError
 from net.classifier import build_classifier
@@ -52,12 +51,11 @@ def run(args):
         raise InputError(f"the training list {args.train_list} has {len(train_dataset)} images, fewer than "
                          f"one batch (--cam_batch_size {args.cam_batch_size})")
     max_step = steps_per_epoch * args.cam_num_epoches
-    pin = device.type == "cuda"
-    train_loader = DataLoader(train_dataset, batch_size=args.cam_batch_size, shuffle=True, drop_last=True,
-                              num_workers=args.num_workers, pin_memory=pin)
+    # each rank reads only its slice of every global batch (misc/sampling.py)
+    train_loader = sampling.training_loader(train_dataset, args.cam_batch_size, args.seed, "train_cam",
+                                            args.num_workers, device)
     # every val image counts (the original also drops val's last incomplete batch; report only)
-    val_loader = DataLoader(val_dataset, batch_size=args.cam_batch_size, shuffle=False,
-                            num_workers=args.num_workers, pin_memory=pin)
+    val_loader = sampling.rank_rows_loader(val_dataset, args.cam_batch_size, args.num_workers, device)
 
     model = build_classifier(args.backbone, args.backbone_width, args.pretrained, "train_id").to(device)
     optimizer = make_poly_optimizer(zip(model.id_param_groups(), PARAM_GROUP_LR_MULT), args.cam_learning_rate,
@@ -70,9 +68,10 @@ def run(args):
         bar = tqdm(train_loader, desc=f"train_cam epoch {epoch + 1}/{args.cam_num_epoches}", unit="batch")
         epoch_loss = 0.0
         for step, pack in enumerate(bar, 1):
+            sampling.require_same_batch(train_loader, f"batch {step} of epoch {epoch + 1}")
             loss = steptools.training_step(model, optimizer, pack, device,
-                                 lambda net, batch: classification_loss(net(batch["img"]), batch["label"]),
-                                 f"batch {step} of epoch {epoch + 1}", args.train_amp)
+                                           lambda net, batch: classification_loss(net(batch["img"]), batch["label"]),
+                                           args.train_amp)
             require_finite("train_cam", epoch + 1, step, _suspects(args), loss, model.parameters())
             optimizer.step()
             epoch_loss += loss.item()

@@ -8,10 +8,9 @@ same inputs). A non-finite loss, gradient or weight stops the step, nothing save
 """
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc import dist, indexing, provenance, steptools
+from misc import dist, indexing, provenance, sampling, steptools
 from misc.torchutils import make_poly_optimizer, precision_context, require_finite
 from misc.utils import InputError
 from net.resnet50_irn import FEATURE_STRIDE, PARAM_GROUP_LR_MULT, new_training_module
@@ -51,7 +50,7 @@ def irn_losses(pos_aff_loss, neg_aff_loss, dp_fg_loss, dp_bg_loss, bg_pos, fg_po
 def mean_displacement(model, loader, device):
     """Mean over batches of each batch's mean displacement (2,), model in eval mode (mean shift 0). Under
     torchrun each rank takes its equal slice of every batch: a batch's mean is the mean of its slices'."""
-    batch_means = [torch.mean(model(dist.batch_slice(pack["img"]).to(device), return_loss=False)[1],
+    batch_means = [torch.mean(model(pack["img"].to(device), return_loss=False)[1],
                               dim=(0, 2, 3)).cpu()
                    for pack in tqdm(loader, desc="train_irn: mean displacement", dynamic_ncols=True)]
     if not batch_means:
@@ -118,8 +117,9 @@ def run(args):
         raise InputError(f"--infer_list has {len(infer_dataset)} images, fewer than one batch "
                          f"(--irn_batch_size {args.irn_batch_size}) for the mean displacement; lower the "
                          f"batch size")
-    train_loader = DataLoader(train_dataset, batch_size=args.irn_batch_size, shuffle=True,
-                              num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+    # each rank reads only its slice of every global batch (misc/sampling.py)
+    train_loader = sampling.training_loader(train_dataset, args.irn_batch_size, args.seed, "train_irn",
+                                            args.num_workers, device)
     max_step = (len(train_dataset) // args.irn_batch_size) * args.irn_num_epoches
 
     model = new_training_module(path_index, args.backbone, args.backbone_width, args.pretrained,
@@ -136,8 +136,8 @@ def run(args):
                         dynamic_ncols=True)
         sums, count = {}, 0
         for pack in progress:
-            dist.require_same(pack["img"], f"batch {count + 1} of epoch {epoch + 1}")
-            local = {k: dist.batch_slice(v).to(device) for k, v in pack.items() if torch.is_tensor(v)}
+            sampling.require_same_batch(train_loader, f"batch {count + 1} of epoch {epoch + 1}")
+            local = {k: v.to(device) for k, v in pack.items() if torch.is_tensor(v)}
             with precision_context(device, args.train_amp):
                 terms = model(local["img"], return_loss=True)
             # this rank's shares of the global batch's losses (global pair counts); the gradients add up
@@ -158,8 +158,7 @@ def run(args):
               + " ".join(f"{k}={v / max(count, 1):.4f}" for k, v in sums.items()))
         steptools.check_epoch("train_irn", epoch + 1, _suspects(args), model)
 
-    infer_loader = DataLoader(infer_dataset, batch_size=args.irn_batch_size, shuffle=False,
-                              num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+    infer_loader = sampling.rank_slices_loader(infer_dataset, args.irn_batch_size, args.num_workers, device)
     model.eval()
     # clone: a normal tensor, not an inference-mode one
     model.mean_shift.running_mean = mean_displacement(model, infer_loader, device).clone().to(device)

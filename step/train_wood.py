@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from misc import dist, provenance, steptools
+from misc import dist, provenance, sampling, steptools
 from misc.cam import cam_maps, keep_label_classes
 from misc.metrics import accumulated_sweep, best_threshold, sweep_thresholds
 from misc.torchutils import make_poly_optimizer, precision_context, require_finite, train_only
@@ -27,7 +27,7 @@ from net.resnet50_cam import PARAM_GROUP_LR_MULT
 from voc12.dataloader import VOC12ClassificationDataset, VOC12ClassificationDatasetMSF, load_gt, load_img_name_list
 from wood import losses
 from wood.data import OoDClassificationDataset, load_ood_list
-from wood.prototypes import checked_batches, id_prototypes, ood_prototypes
+from wood.prototypes import ErrorsAsValues, collate_errors, id_prototypes, ood_prototypes, raise_input_errors
 
 SELECT_FROM_FRACTION = 3 / 4   # checkpoint selection runs in the last quarter of the last epoch
 PROTOTYPES_FILE = "wood_prototypes.npz"
@@ -168,12 +168,14 @@ def run(args):
     model = load_classifier(args.cam_weights_name, args.backbone, args.backbone_width, args.device, "features")
     prototypes = compute_prototypes(model, args, device, ood_paths)
 
-    pin = device.type == "cuda"
-    loader_kwargs = dict(shuffle=True, drop_last=True, num_workers=args.num_workers, pin_memory=pin)
-    train_batches = lambda: checked_batches(train_dataset, batch_size=args.wood_batch_size, **loader_kwargs)
-    ood_batches = endless(lambda: checked_batches(ood_dataset, batch_size=args.ood_batch_size, **loader_kwargs))
-    val_loader = DataLoader(val_dataset, batch_size=args.wood_batch_size, shuffle=False,
-                            num_workers=args.num_workers, pin_memory=pin)
+    # each rank reads only its slice of every global ID and OoD batch (misc/sampling.py); every pass over a
+    # loader is its next epoch, the OoD one restarting whenever it is exhausted
+    train_loader = sampling.training_loader(ErrorsAsValues(train_dataset), args.wood_batch_size, args.seed,
+                                            "train_wood", args.num_workers, device, collate_fn=collate_errors)
+    ood_loader = sampling.training_loader(ErrorsAsValues(ood_dataset), args.ood_batch_size, args.seed,
+                                          "train_wood_ood", args.num_workers, device, collate_fn=collate_errors)
+    ood_batches = endless(lambda: raise_input_errors(ood_loader))
+    val_loader = sampling.rank_rows_loader(val_dataset, args.wood_batch_size, args.num_workers, device)
     # stage1 and stage2 stay as they are: no gradient for them (the release computes and discards it)
     optimizer = make_poly_optimizer(zip(train_only(model, model.wood_param_groups()), PARAM_GROUP_LR_MULT),
                                     args.wood_learning_rate, args.wood_weight_decay, max_step, args.real_momentum)
@@ -184,7 +186,7 @@ def run(args):
     model.train()
     for epoch in range(args.wood_num_epoches):
         sums = {"loss": 0.0, "cls": 0.0, "dist": 0.0, "ood": 0.0}
-        bar = tqdm(train_batches(), total=steps_per_epoch, unit="batch",
+        bar = tqdm(raise_input_errors(train_loader), total=steps_per_epoch, unit="batch",
                    desc=f"train_wood epoch {epoch + 1}/{args.wood_num_epoches}")
         for step, pack in enumerate(bar):
             due = selector is not None and selection_due(epoch, step, args.wood_num_epoches, steps_per_epoch,
@@ -193,11 +195,11 @@ def run(args):
                 selector.offer(model, f"epoch {epoch + 1} step {step}, before its update")
                 model.train()
             ood_batch = next(ood_batches)["img"]
-            dist.require_same(pack["img"], f"ID batch {step + 1} of epoch {epoch + 1}")
-            dist.require_same(ood_batch, f"the OoD batch of step {step + 1} of epoch {epoch + 1}")
-            img = dist.batch_slice(pack["img"]).to(device, non_blocking=True)
-            label = dist.batch_slice(pack["label"]).to(device, non_blocking=True)
-            ood_img = dist.batch_slice(ood_batch).to(device, non_blocking=True)
+            sampling.require_same_batch(train_loader, f"ID batch {step + 1} of epoch {epoch + 1}")
+            sampling.require_same_batch(ood_loader, f"the OoD batch of step {step + 1} of epoch {epoch + 1}")
+            img = pack["img"].to(device, non_blocking=True)
+            label = pack["label"].to(device, non_blocking=True)
+            ood_img = ood_batch.to(device, non_blocking=True)
             with precision_context(device, args.train_amp):
                 loss, parts = losses.wood_loss(model, img, label, ood_img, prototypes, constants)
             optimizer.zero_grad()  # also clears what the anti-adversarial step would leave

@@ -1,5 +1,5 @@
 """eval_seg (docs/method.md §8): the CRF image quirk, the CRF toward edges, predictions, summary entries, server
-layout."""
+layout, the CRF's process pool."""
 import os
 
 import numpy as np
@@ -9,8 +9,9 @@ from PIL import Image
 
 import run_sample
 from fakevoc import make_fake_voc
+from misc.parallel import imap_in_processes
 from misc.report import read_summary
-from misc.utils import InputError
+from misc.utils import InputError, error_line
 from net.deeplab_v2 import deeplab_v2
 from step import eval_seg
 from step.eval_seg import SERVER_SUBDIR, dense_crf, quirk_crf_image
@@ -36,8 +37,8 @@ def test_crf_moves_a_noisy_prediction_toward_the_image_edge():
     assert before < 0.93 and after > before + 0.05, (before, after)
 
 
-def _setup(tmp_path, with_test):
-    info = make_fake_voc(tmp_path / "VOC2012", n_train=2, n_val=2, size=40, seed=3, n_aug_only=2)
+def _setup(tmp_path, with_test, n_val=2):
+    info = make_fake_voc(tmp_path / "VOC2012", n_train=2, n_val=n_val, size=40, seed=3, n_aug_only=2)
     torch.manual_seed(0)
     model = deeplab_v2(21, None, width=4, n_blocks=(1, 1, 1, 1))
     torch.save(model.state_dict(), tmp_path / "seg.pth")
@@ -95,3 +96,52 @@ def test_predictions_of_another_network_are_never_reused(tmp_path):
     args.overwrite = True
     eval_seg.run(args)
     assert plain.stat().st_mtime_ns != before
+
+
+def _png_bytes(work):
+    """{relative path: bytes} of every PNG under `work` (all prediction folders, the server layout included)."""
+    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*.png"))}
+
+
+def test_the_crf_pool_writes_what_one_process_writes_and_resumes(tmp_path):
+    info, _, args = _setup(tmp_path, with_test=True, n_val=6)  # 6 images: more than the pool's window of 4
+    args.num_workers = 0
+    eval_seg.run(args)
+    serial = _png_bytes(tmp_path / "w")
+    args.work_dir, args.num_workers = str(tmp_path / "pool"), 2
+    eval_seg.run(args)
+    pool = tmp_path / "pool"
+    assert _png_bytes(pool) == serial
+    expected = {os.path.join(folder, f"{i}.png") for i in info["val"] for folder in ("deeplab_val", "deeplab_val_crf")}
+    expected |= {os.path.join("deeplab_test", SERVER_SUBDIR, f"{i}.png") for i in info["aug_only"]}
+    assert expected <= set(serial)
+    assert read_summary(str(pool)) == read_summary(str(tmp_path / "w"))
+
+    gone = pool / "deeplab_val_crf" / f"{info['val'][3]}.png"
+    gone.unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in pool.rglob("*.png")}
+    eval_seg.run(args)  # resumes: that image alone is predicted again (its plain PNGs too: it was not done)
+    changed = {p.name for p, t in stamps.items() if p.stat().st_mtime_ns != t}
+    assert gone.is_file() and changed == {gone.name}
+    assert _png_bytes(pool) == serial
+
+
+def _fail_on(value):
+    if value == 3:
+        raise InputError(f"item {value} is bad")
+    return value * 10
+
+
+def test_an_error_in_a_pool_process_reaches_the_caller_as_one_line():
+    assert list(imap_in_processes(_fail_on, [(0,), (1,), (2,)], 2)) == [0, 10, 20]
+    with pytest.raises(InputError) as caught:
+        list(imap_in_processes(_fail_on, [(v,) for v in range(8)], 2))
+    assert error_line(caught.value) == "item 3 is bad"
+
+
+def test_a_failing_crf_write_stops_eval_seg(tmp_path):
+    info, _, args = _setup(tmp_path, with_test=False, n_val=4)
+    args.num_workers = 2
+    (tmp_path / "w" / "deeplab_val_crf_color" / f"{info['val'][1]}.png").mkdir(parents=True)  # no file goes there
+    with pytest.raises(OSError):
+        eval_seg.run(args)

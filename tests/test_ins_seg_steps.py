@@ -14,7 +14,8 @@ from misc.instance_eval import load_instance_gt
 from misc.report import read_summary
 from misc.utils import InputError, save_npz, save_torch
 from net.resnet50_irn import EdgeDisplacement
-from step import eval_ins_seg, make_ins_seg_labels as mis
+from step import eval_ins_seg
+from step import make_ins_seg_labels as mis
 from voc12.dataloader import VOC12ClassificationDatasetMSF
 
 SIZES = [(64, 64), (50, 70), (37, 45)]
@@ -47,7 +48,8 @@ def test_make_ins_seg_writes_the_detections_and_coco_and_resumes(world):
     for pack, size in zip(dataset, SIZES):
         det = instance.read_detections(os.path.join(args.ins_seg_out_dir, pack["name"] + ".npz"))
         assert det["mask"].shape[1:] == size and det["score"].dtype == np.float32 and det["class"].dtype == np.int64
-        assert len(det["score"]) >= 1 and set(det["class"].tolist()) <= set(np.nonzero(pack["label"].numpy())[0].tolist())
+        image_classes = set(np.nonzero(pack["label"].numpy())[0].tolist())
+        assert len(det["score"]) >= 1 and set(det["class"].tolist()) <= image_classes
         with torch.inference_mode():   # the same image through the library by hand: the same detections
             boundary, displacement = model(torch.from_numpy(pack["img"][0]))
         cams = np.load(os.path.join(args.sem_seg_cam_dir, pack["name"] + ".npz"))
@@ -135,3 +137,16 @@ def test_missing_inputs_are_one_error_line(world, capsys):
     os.remove(os.path.join(voc["root"], "SegmentationObject", voc["train"][2] + ".png"))
     with pytest.raises(InputError, match=r"1 of 3 instance ground truth\(s\) missing"):
         eval_ins_seg.run(args)
+
+
+def test_both_steps_through_the_driver(world):
+    voc, args, _ = world
+    argv = ["--device", "cpu", "--work_dir", args.work_dir, "--voc12_root", voc["root"], "--infer_list", "train",
+            "--chainer_eval_set", "train", "--sem_seg_cam_dir", args.sem_seg_cam_dir,
+            "--irn_weights_name", args.irn_weights_name, "--backbone_width", "8", "--irn_crop_size", "64",
+            "--num_workers", "0", "--make_ins_seg_pass", "true", "--eval_ins_seg_pass", "true"]
+    assert run_sample.main(argv) == 0
+    entry = next(e for e in read_summary(args.work_dir) if e["step"] == "eval_ins_seg")
+    assert entry["name"] == "ins_seg" and 0 <= entry["map"] <= 100 and entry["images"] == 3
+    assert sorted(os.listdir(os.path.join(args.work_dir, "ins_seg"))) == sorted(
+        [i + ".npz" for i in voc["train"]] + ["coco_train.json", "provenance.json"])

@@ -8,7 +8,6 @@ import torch
 
 from misc import indexing, instance
 
-
 # ------------------------------------------------------------------------ the release, transcribed literally
 
 def release_find_centroids_with_refinement(displacement, iterations=300):

@@ -122,15 +122,17 @@ def test_instance_ground_truth_of_the_fake_voc(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ COCO
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
 def test_coco_json_of_detections():
     from pycocotools import mask as mask_utils
     masks = stack(box((0, 2), (1, 3)), box((1, 4), (0, 6)), box((3, 4), (0, 1)))
-    det = {"score": np.array([0.7, 5e-6, 1e-5], np.float32), "mask": masks, "class": np.array([14, 2, 0])}
+    det = {"score": np.array([0.7, 5e-6, 1e-5, 2e-5], np.float32), "mask": np.concatenate([masks, masks[:1]]),
+           "class": np.array([14, 2, 0, 3])}
     out = coco.detections_to_coco([("2007_000032", (H, W), det)])
     assert [c["id"] for c in out["categories"]] == list(range(20)) and out["categories"][14]["name"] == "person"
     assert out["images"] == [{"id": 2007000032, "file_name": "2007_000032.jpg", "height": H, "width": W}]
-    # 5e-6 < 1e-5 is left out; the float32 of 1e-5 is just above it and kept
-    assert [a["category_id"] for a in out["annotations"]] == [14, 0] and [a["id"] for a in out["annotations"]] == [1, 2]
+    # 5e-6 < 1e-5 is left out, and so is the float32 nearest 1e-5 (9.99999975e-06, compared in float64)
+    assert [a["category_id"] for a in out["annotations"]] == [14, 3] and [a["id"] for a in out["annotations"]] == [1, 2]
     first = out["annotations"][0]
     assert first["area"] == 4 and first["bbox"] == [1, 0, 2, 2] and first["score"] == pytest.approx(0.7)
     rle = {"size": first["segmentation"]["size"], "counts": first["segmentation"]["counts"].encode()}

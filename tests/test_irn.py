@@ -273,7 +273,7 @@ def _train_args(tmp_path, voc, **kw):
                 irn_learning_rate=0.1, irn_weight_decay=1e-4, irn_radius=5, train_amp="none",
                 irn_weights_name=str(tmp_path / "sess" / "irn.pth"), pretrained="none", backbone="resnet50",
                 backbone_width=WIDTH,
-                cam_weights_name=str(tmp_path / "cam.pth"), device="cpu", num_workers=0, real_momentum=None)
+                cam_weights_name=str(tmp_path / "cam.pth"), device="cpu", num_workers=0, real_momentum=None, seed=0)
     args.update(kw)
     return argparse.Namespace(**args)
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from toy import toyvoc
 from misc.utils import InputError, palette_voc
+from toy import toyvoc
 
 TINY = ["--n_train_aug", "6", "--n_train", "3", "--n_val", "2", "--n_ood_hard", "4", "--n_ood_easy", "4",
         "--long_min", "64", "--long_max", "64", "--gray_every", "2", "--two_class_prob", "0.5"]

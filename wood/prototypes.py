@@ -80,7 +80,7 @@ def kmeans(features, K, n_iter=10):
 
 # -------------------------------------------------------------------------------------------- I/O
 
-class _ErrorsAsValues(Dataset):
+class ErrorsAsValues(Dataset):
     """Return an item's InputError as a value, so the main process raises it with its own message
     (an exception raised inside a DataLoader worker comes back wrapped in the worker's traceback)."""
 
@@ -97,7 +97,7 @@ class _ErrorsAsValues(Dataset):
             return {"input_error": str(e)}
 
 
-def _collate(batch):
+def collate_errors(batch):
     for item in batch:
         if "input_error" in item:
             return {"input_error": item["input_error"]}
@@ -107,7 +107,12 @@ def _collate(batch):
 def checked_batches(dataset, **loader_kwargs):
     """Iterate a DataLoader over `dataset`; an InputError of any item (unreadable image...) is raised
     in the calling process with its own message. `loader_kwargs` go to DataLoader."""
-    for batch in DataLoader(_ErrorsAsValues(dataset), collate_fn=_collate, **loader_kwargs):
+    return raise_input_errors(DataLoader(ErrorsAsValues(dataset), collate_fn=collate_errors, **loader_kwargs))
+
+
+def raise_input_errors(batches):
+    """The batches of a loader over `ErrorsAsValues(...)` with `collate_errors`, raising an item's InputError."""
+    for batch in batches:
         if "input_error" in batch:
             raise InputError(batch["input_error"])
         yield batch
