@@ -181,6 +181,9 @@ def build_parser():
     g.add_argument("--infer_list", default="train", help="images for make_cam/advcam/IR labels/random walk")
     g.add_argument("--chainer_eval_set", default="train", help="images the eval steps score")
     g.add_argument("--eval_name", default=None, help="summary.json entry name (default: evaluated folder)")
+    g.add_argument("--deterministic", type=B, default=False,
+                   help="deterministic CUDA algorithms (cuDNN, cuBLAS, and replacements for the two ops without "
+                        "one): a resumed or repeated GPU run gives the same weights; slower (README)")
     g.add_argument("--dist_timeout", type=positive, default=120,
                    help="minutes a torchrun process waits for the others (at a barrier: rank 0 runs the evaluations "
                         "alone) before the run stops")
@@ -486,6 +489,8 @@ def main(argv=None):
         if main_rank:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    from misc.torchutils import use_deterministic
+    use_deterministic(args.deterministic)  # before anything starts cuBLAS
     try:
         args.device = dist.init(args.device, args.dist_timeout)
     except InputError as e:  # this rank's own problem (its GPU): every rank says it

@@ -7,9 +7,11 @@ real decay. We reproduce that by default; `momentum=` (the driver's --real_momen
 momentum instead (README "Deviations").
 """
 import contextlib
+import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from misc.utils import InputError
 
@@ -173,3 +175,75 @@ def precision_context(device, amp):
     if amp != "bf16":
         raise ValueError(f"amp must be 'none' or 'bf16', got {amp!r}")
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------ deterministic CUDA (--deterministic)
+
+def use_deterministic(enabled):
+    """--deterministic: deterministic algorithms everywhere (an op without one raises), cuDNN's deterministic
+    convolutions without autotuning, and cuBLAS's fixed workspace (the variable must be set before cuBLAS
+    starts: the driver calls this first). The two ops of this pipeline that have no deterministic CUDA backward,
+    bilinear up-sampling and the NLL loss, are replaced in that mode by `bilinear` and `cross_entropy`."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+
+
+def _deterministic_cuda(x):
+    return x.is_cuda and torch.are_deterministic_algorithms_enabled()
+
+
+def bilinear_matrix(n_in, n_out, scale, device, dtype):
+    """(n_out, n_in) weights of PyTorch's bilinear resize along one axis (align_corners=False): output d reads
+    source (d + 0.5) * scale - 0.5 (at least 0), split between its floor and the next index."""
+    src = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    low = src.floor().long().clamp(max=n_in - 1)
+    high = (low + 1).clamp(max=n_in - 1)
+    frac = (src - low).to(dtype)
+    rows = torch.arange(n_out, device=device)
+    weights = torch.zeros(n_out, n_in, device=device, dtype=dtype)
+    weights.index_put_((rows, low), 1 - frac, accumulate=True)
+    weights.index_put_((rows, high), frac, accumulate=True)
+    return weights
+
+
+def bilinear(x, size=None, scale_factor=None):
+    """F.interpolate(x, size or scale_factor, mode="bilinear", align_corners=False). Under --deterministic on
+    CUDA, where PyTorch's backward of it has no deterministic algorithm, the same resize as two matrix products
+    (equal up to float rounding; their backward is deterministic)."""
+    if not _deterministic_cuda(x):
+        return F.interpolate(x, size=size, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+    height, width = x.shape[-2:]
+    if size is None:  # as F.interpolate: the output size floors, the sampling uses the given factor
+        size = (int(height * scale_factor), int(width * scale_factor))
+        scales = (1 / scale_factor, 1 / scale_factor)
+    else:
+        scales = (height / size[0], width / size[1])
+    rows = bilinear_matrix(height, size[0], scales[0], x.device, x.dtype)
+    cols = bilinear_matrix(width, size[1], scales[1], x.device, x.dtype)
+    return torch.matmul(torch.matmul(rows, x), cols.t())
+
+
+class Bilinear(torch.nn.Module):
+    """nn.Upsample(scale_factor, mode="bilinear") through `bilinear` (no parameters: state dicts unchanged)."""
+
+    def __init__(self, scale_factor):
+        super().__init__()
+        self.scale_factor = scale_factor
+
+    def forward(self, x):
+        return bilinear(x, scale_factor=self.scale_factor)
+
+
+def cross_entropy(logits, target, ignore_index, reduction="mean"):
+    """F.cross_entropy(logits, target, ignore_index=..., reduction=...) over (B, C, H, W) logits. Under
+    --deterministic on CUDA, where the NLL loss has no deterministic algorithm, as -log_softmax gathered at the
+    targets (the same value up to float rounding; gather's backward is deterministic there)."""
+    if not _deterministic_cuda(logits):
+        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+    valid = target != ignore_index
+    picked = F.log_softmax(logits, dim=1).gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
+    total = -(picked * valid).sum()
+    return total if reduction == "sum" else total / valid.sum()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from misc import dist
 from misc.imutils import IMAGENET_MEAN, IMAGENET_STD, resize_label_nearest
-from misc.torchutils import load_canonical_state
+from misc.torchutils import bilinear, cross_entropy, load_canonical_state
 from misc.utils import InputError, load_torch
 from net.resnet50 import FixedBatchNorm
 
@@ -164,10 +164,9 @@ class MSC(nn.Module):
 
     def forward(self, x):
         logits = self.base(x)
-        pyramid = [self.base(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False))
-                   for s in self.scales]
-        resized = [F.interpolate(l, size=logits.shape[2:], mode="bilinear", align_corners=False)
-                   for l in pyramid]
+        # bilinear: F.interpolate's, deterministic under --deterministic
+        pyramid = [self.base(bilinear(x, scale_factor=s)) for s in self.scales]
+        resized = [bilinear(l, size=logits.shape[2:]) for l in pyramid]
         logits_max = torch.max(torch.stack([logits] + resized), dim=0)[0]
         if self.training:
             return [logits] + pyramid + [logits_max]
@@ -302,10 +301,10 @@ def msc_loss(outputs, labels, iter_size):
     for logit in outputs:
         target = resize_labels(labels, logit.shape[2:]).to(logit.device)
         if dist.world() == 1:
-            total = total + F.cross_entropy(logit, target, ignore_index=IGNORE)
+            total = total + cross_entropy(logit, target, IGNORE)
         else:
             labelled = dist.total((target != IGNORE).sum())
-            total = total + F.cross_entropy(logit, target, ignore_index=IGNORE, reduction="sum") / labelled
+            total = total + cross_entropy(logit, target, IGNORE, reduction="sum") / labelled
     return total / iter_size
 
 

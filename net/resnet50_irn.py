@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from misc import indexing
-from misc.torchutils import load_canonical_state
+from misc.torchutils import Bilinear, load_canonical_state
 from misc.utils import InputError, load_torch, require_file
 from net.resnet import DEFAULT_BACKBONE, block_counts, build_backbone, require_depth
 
@@ -36,7 +36,7 @@ def _head(c_in, c_out, groups, upsample=None):
     """conv 1x1 (no bias), GroupNorm, [bilinear up], ReLU: IRN's layer order (up before the ReLU)."""
     layers = [nn.Conv2d(c_in, c_out, 1, bias=False), nn.GroupNorm(groups, c_out)]
     if upsample:
-        layers.append(nn.Upsample(scale_factor=upsample, mode="bilinear", align_corners=False))
+        layers.append(Bilinear(upsample))  # nn.Upsample's bilinear, deterministic under --deterministic
     layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 

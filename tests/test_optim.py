@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -77,3 +79,39 @@ def test_poly_optimizer_direct_constructor_is_the_original_call():
     opt = PolyOptimizer([{"params": [p], "lr": 0.3, "weight_decay": 5e-4}], lr=0.3, weight_decay=5e-4, max_step=2)
     assert opt.param_groups[0]["momentum"] == 5e-4 and opt.param_groups[0]["weight_decay"] == 5e-4
     assert opt.initial_lrs == [0.3]
+
+
+# ----------------------------------------------------------------- --deterministic's replacements (CUDA only)
+
+def test_the_deterministic_bilinear_and_cross_entropy_equal_pytorchs(monkeypatch):
+    from misc import torchutils
+    monkeypatch.setattr(torchutils, "_deterministic_cuda", lambda x: True)  # take the replacement on the CPU
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 13, 17, dtype=torch.float64, requires_grad=True)
+    for kwargs in ({"scale_factor": 0.5}, {"scale_factor": 0.75}, {"scale_factor": 4}, {"size": (29, 11)}):
+        ours = torchutils.bilinear(x, **kwargs)
+        theirs = torch.nn.functional.interpolate(x, mode="bilinear", align_corners=False, **kwargs)
+        assert ours.shape == theirs.shape, kwargs
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(ours)
+        grad_ours, = torch.autograd.grad(ours, x, g)
+        grad_theirs, = torch.autograd.grad(theirs, x, g)
+        torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-12, atol=1e-12)
+    logits = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    target = torch.randint(0, 5, (2, 4, 6))
+    target[0, 0, :3] = 255
+    for reduction in ("mean", "sum"):
+        torch.testing.assert_close(torchutils.cross_entropy(logits, target, 255, reduction),
+                                   torch.nn.functional.cross_entropy(logits, target, ignore_index=255,
+                                                                     reduction=reduction))
+
+
+def test_deterministic_mode_is_switched_on_and_off():
+    from misc import torchutils
+    try:
+        torchutils.use_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torchutils.use_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
