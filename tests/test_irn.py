@@ -45,7 +45,7 @@ def test_shapes_channels_and_frozen_backbone():
     assert net.fc_edge1[0].weight.shape == (32, WIDTH, 1, 1) and net.fc_edge6.weight.shape == (1, 160, 1, 1)
     assert net.fc_dp6[0].weight.shape == (256, 768, 1, 1) and net.fc_dp7[0].weight.shape == (256, 448, 1, 1)
     assert net.fc_dp7[3].weight.shape == (2, 256, 1, 1) and net.fc_dp7[3].bias is None
-    assert [type(m).__name__ for m in net.fc_edge3] == ["Conv2d", "GroupNorm", "Upsample", "ReLU"]
+    assert [type(m).__name__ for m in net.fc_edge3] == ["Conv2d", "GroupNorm", "Bilinear", "ReLU"]
     assert net.fc_edge3[1].num_groups == 4 and net.fc_dp2[1].num_groups == 16 and net.fc_dp1[1].num_groups == 8
     assert net.fc_edge4[2].scale_factor == 4 and net.fc_dp4[2].scale_factor == 2
     assert net.fc_edge4[2].align_corners is False and net.fc_edge4[2].mode == "bilinear"
