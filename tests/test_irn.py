@@ -48,9 +48,9 @@ def test_shapes_channels_and_frozen_backbone():
     assert [type(m).__name__ for m in net.fc_edge3] == ["Conv2d", "GroupNorm", "Bilinear", "ReLU"]
     assert net.fc_edge3[1].num_groups == 4 and net.fc_dp2[1].num_groups == 16 and net.fc_dp1[1].num_groups == 8
     assert net.fc_edge4[2].scale_factor == 4 and net.fc_dp4[2].scale_factor == 2
-    x = torch.randn(1, 2, 5, 6)  # IRN's bilinear, align_corners=False
-    assert torch.equal(net.fc_edge4[2](x), torch.nn.functional.interpolate(x, scale_factor=4, mode="bilinear",
-                                                                           align_corners=False))
+    probe = torch.randn(1, 2, 5, 6)  # IRN's bilinear, align_corners=False
+    assert torch.equal(net.fc_edge4[2](probe), torch.nn.functional.interpolate(probe, scale_factor=4, mode="bilinear",
+                                                                               align_corners=False))
 
     # param groups: every head parameter in exactly one group, no backbone parameter
     edge_params, dp_params = net.trainable_parameters()
