@@ -15,11 +15,9 @@ import os
 
 import torch
 
-from misc import coco, dist, instance, provenance, steptools
-from misc.camfile import read_cam_file
+from misc import coco, dist, instance, irn_maps, provenance, steptools
 from misc.utils import save_json, save_npz
-from net.resnet50_irn import load_edge_displacement
-from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
+from voc12.dataloader import load_img_name_list
 
 SUFFIX = ".npz"
 
@@ -30,21 +28,12 @@ def coco_path(ins_seg_out_dir, infer_list):
     return os.path.join(ins_seg_out_dir, f"coco_{name}.json")
 
 
-def setup(args, ids):
-    model = load_edge_displacement(args.irn_weights_name, args.backbone, args.backbone_width, args.irn_crop_size,
-                                   args.device)
-    return {"model": model, "args": args,
-            "dataset": VOC12ClassificationDatasetMSF(ids, voc12_root=args.voc12_root, scales=(1.0,))}
-
-
 def write(state, packs):
     args, device = state["args"], torch.device(state["args"].device)
     for pack in packs:
         img_id, (height, width) = pack["name"], pack["size"]
+        boundary, displacement, keys, cam = irn_maps.maps_and_seeds(state, pack)
         with torch.inference_mode():
-            boundary, displacement = state["model"](torch.as_tensor(pack["img"][0]).to(device))
-            keys, cam = read_cam_file(steptools.output_path(args.sem_seg_cam_dir, img_id, ".npz"), "cam",
-                                      pack["label"], boundary.shape)
             detections = instance.instances_of_image(
                 torch.from_numpy(cam).to(device), keys, boundary, displacement, (int(height), int(width)),
                 bg_thres=args.ins_seg_bg_thres, beta=args.beta, exp_times=args.exp_times, radius=args.rw_radius,
@@ -85,7 +74,7 @@ def run(args):
     steptools.require_files(args.sem_seg_cam_dir, ids, ".npz", "CAM files of --infer_list",
                             "run make_cam / make_advcam on the same --infer_list first (set --sem_seg_cam_dir)")
     steptools.run_pending("make_ins_seg", ids, args.ins_seg_out_dir, SUFFIX, provenance_inputs(args), args,
-                          "--ins_seg_out_dir", setup, (args,), write, num_workers=args.num_workers)
+                          "--ins_seg_out_dir", irn_maps.setup, (args,), write, num_workers=args.num_workers)
     dist.barrier()  # every rank's images are written
     json_path = coco_path(args.ins_seg_out_dir, args.infer_list)
     sources = [steptools.output_path(args.ins_seg_out_dir, i, SUFFIX) for i in ids]

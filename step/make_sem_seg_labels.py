@@ -12,11 +12,9 @@ import os
 import numpy as np
 import torch
 
-from misc import indexing, provenance, steptools
-from misc.camfile import read_cam_file
+from misc import indexing, irn_maps, provenance, steptools
 from misc.utils import palette_voc, save_png
-from net.resnet50_irn import load_edge_displacement
-from voc12.dataloader import VOC12ClassificationDatasetMSF, load_img_name_list
+from voc12.dataloader import load_img_name_list
 
 
 def color_dir(sem_seg_out_dir):
@@ -25,20 +23,15 @@ def color_dir(sem_seg_out_dir):
 
 
 def setup(args, ids):
-    model = load_edge_displacement(args.irn_weights_name, args.backbone, args.backbone_width, args.irn_crop_size,
-                                   args.device)
-    return {"model": model, "args": args, "palette": palette_voc(),
-            "dataset": VOC12ClassificationDatasetMSF(ids, voc12_root=args.voc12_root, scales=(1.0,))}
+    return irn_maps.setup(args, ids, palette=palette_voc())
 
 
 def write(state, packs):
     args, device = state["args"], torch.device(state["args"].device)
     for pack in packs:
         img_id, (height, width) = pack["name"], pack["size"]
+        boundary, _, keys, cam = irn_maps.maps_and_seeds(state, pack)
         with torch.inference_mode():
-            boundary, _ = state["model"](torch.as_tensor(pack["img"][0]).to(device))
-            keys, cam = read_cam_file(steptools.output_path(args.sem_seg_cam_dir, img_id, ".npz"), "cam",
-                                      pack["label"], boundary.shape)
             seeds = torch.from_numpy(np.power(cam, args.np_power)).to(device)
             walked = indexing.random_walk(seeds, boundary, args.rw_radius, args.beta, args.exp_times) \
                 if keys.size else seeds

@@ -97,6 +97,19 @@ def make_fake_voc(root, n_train=4, n_val=2, size=64, seed=0, n_aug_only=2, n_cla
     return info
 
 
+def make_ood_pool(folder, n, list_file):
+    """`n` random 64 x 48 JPEGs o0.jpg ... in `folder` (made), listed in `list_file`: a pool of OoD candidates;
+    returns their names."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    names = [f"o{i}.jpg" for i in range(n)]
+    for name in names:
+        Image.fromarray(rng.randint(0, 256, (48, 64, 3)).astype(np.uint8)).save(folder / name)
+    list_file.write_text("".join(name + "\n" for name in names))
+    return names
+
+
 def random_bn_statistics(model):
     """Give every BatchNorm of `model` non-trivial running statistics (in place, from torch's generator), so
     that frozen-BN nets built from random weights do not have the identity BatchNorm; returns `model`."""

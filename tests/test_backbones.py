@@ -4,14 +4,12 @@ import json
 import os
 import urllib.error
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from test_distributed import pipeline_argv, run_driver
 
 import run_sample
-from fakevoc import make_fake_voc, random_bn_statistics
+from fakevoc import make_fake_voc, make_ood_pool, random_bn_statistics
 from misc import indexing
 from misc.utils import InputError, load_torch, save_torch
 from net import resnet as resnet_module
@@ -213,12 +211,7 @@ def test_resnet101_through_the_tiny_pipeline(tmp_path):
     make_sem_seg with --backbone resnet101 (width 8, 64 px): every net is a ResNet-101, every record says so."""
     voc = make_fake_voc(tmp_path / "VOC2012", n_train=4, n_val=2, size=64, seed=0)
     pool = tmp_path / "pool"
-    pool.mkdir()
-    rng = np.random.RandomState(0)
-    names = [f"o{i}.jpg" for i in range(4)]
-    for name in names:
-        Image.fromarray(rng.randint(0, 256, (48, 64, 3)).astype(np.uint8)).save(pool / name)
-    (pool / "candidates.txt").write_text("".join(n + "\n" for n in names))
+    make_ood_pool(pool, 4, pool / "candidates.txt")
     save_torch(str(tmp_path / "backbone.pth"), calibrated_backbone((3, 4, 23, 3)).state_dict())
     work = tmp_path / "work"
     argv = pipeline_argv(tmp_path, voc, work)

@@ -22,9 +22,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from fakevoc import TINY_TOYVOC, make_fake_voc, random_bn_statistics, tiny_flags
+from fakevoc import TINY_TOYVOC, make_fake_voc, make_ood_pool, random_bn_statistics, tiny_flags
 from misc.utils import load_torch, save_torch
 from net.resnet50 import ResNet50
 
@@ -62,12 +61,7 @@ def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     voc = make_fake_voc(base / "VOC2012", n_train=4, n_val=2, size=64, seed=0)
     pool = base / "pool"
-    pool.mkdir()
-    rng = np.random.RandomState(0)
-    names = [f"o{i}.jpg" for i in range(7)]  # 7: the ranks' shards differ in size (4 + 3)
-    for name in names:
-        Image.fromarray(rng.randint(0, 256, (48, 64, 3)).astype(np.uint8)).save(pool / name)
-    (pool / "candidates.txt").write_text("".join(n + "\n" for n in names))
+    make_ood_pool(pool, 7, pool / "candidates.txt")  # 7: the ranks' shards differ in size (4 + 3)
     torch.manual_seed(0)
     backbone = random_bn_statistics(ResNet50(width=WIDTH))
     save_torch(str(base / "backbone.pth"), backbone.state_dict())

@@ -7,10 +7,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import run_sample
-from fakevoc import make_fake_voc, wood_constants
+from fakevoc import make_fake_voc, make_ood_pool, wood_constants
 from misc.torchutils import TrainingDiverged, train_only
 from misc.utils import InputError, load_torch, save_torch
 from net.resnet50_cam import Net
@@ -214,19 +213,13 @@ def test_wood_loss_composition():
 @pytest.fixture
 def wood_setup(tmp_path):
     make_fake_voc(tmp_path / "VOC2012", n_train=4, n_val=2, size=64, seed=0)
-    ood = tmp_path / "ood"
-    ood.mkdir()
-    rng = np.random.RandomState(0)
-    names = [f"o{i}.jpg" for i in range(5)]
-    for name in names:
-        Image.fromarray(rng.randint(0, 256, (48, 64, 3)).astype(np.uint8)).save(ood / name)
-    (tmp_path / "ood_list.txt").write_text("".join(n + "\n" for n in names))
+    make_ood_pool(tmp_path / "ood", 5, tmp_path / "ood_list.txt")
     torch.manual_seed(0)
     save_torch(str(tmp_path / "cam.pth"), Net(width=8).state_dict())
     args = run_sample.parse_args([
         "--preset", "toy", "--voc12_root", str(tmp_path / "VOC2012"), "--work_dir", str(tmp_path / "work"),
         "--device", "cpu", "--num_workers", "0", "--backbone_width", "8",
-        "--cam_weights_name", str(tmp_path / "cam.pth"), "--ood_root", str(ood),
+        "--cam_weights_name", str(tmp_path / "cam.pth"), "--ood_root", str(tmp_path / "ood"),
         "--ood_list", str(tmp_path / "ood_list.txt"), "--wood_batch_size", "1", "--ood_batch_size", "2",
         "--wood_num_epoches", "1", "--wood_learning_rate", "0.001", "--cluster_K", "3",
         "--cam_resize_long", "48", "64", "--cam_crop_size", "64", "--ood_long_side", "64",
