@@ -99,3 +99,44 @@ def test_random_walk_on_the_cpu_equals_the_gpu_run(gpu_run, tmp_path):
         assert a.shape == b.shape
         same, total = same + (a == b).sum(), total + a.size
     assert same / total > 0.995, same / total
+
+
+def train_irn_on_the_gpu(gpu_run, tmp_path, name, *extra):
+    """train_irn of the GPU run's IR labels again into <tmp_path>/<name>.pth; returns its state dict."""
+    root, flags, work = gpu_run
+    weights = tmp_path / f"{name}.pth"
+    rc = run_sample.main(["--preset", "toy", *flags, "--device", "cuda", "--work_dir", str(tmp_path / name),
+                          "--ir_label_out_dir", str(work / "ir_label"), "--train_list", "train",
+                          "--irn_weights_name", str(weights), "--train_irn_pass", "true", *extra])
+    assert rc == 0
+    return torch.load(weights, weights_only=True)
+
+
+def test_deterministic_train_irn_repeats_its_weights_on_the_gpu(gpu_run, tmp_path):
+    """--deterministic true: two runs, the same weights (bilinear up-sampling's backward replaced); without it
+    the difference is printed (cuDNN's and index_select's atomic adds)."""
+    first = train_irn_on_the_gpu(gpu_run, tmp_path, "det1", "--deterministic", "true", "--num_workers", "2")
+    second = train_irn_on_the_gpu(gpu_run, tmp_path, "det2", "--deterministic", "true", "--num_workers", "0")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    a = train_irn_on_the_gpu(gpu_run, tmp_path, "free1")
+    b = train_irn_on_the_gpu(gpu_run, tmp_path, "free2")
+    print("train_irn without --deterministic, largest weight difference of two runs:",
+          max(float((a[k].float() - b[k].float()).abs().max()) for k in a))
+
+
+def test_one_nccl_rank_trains_with_loader_workers(gpu_run, tmp_path):
+    """torchrun with one process: NCCL's process group, loader workers > 0, the training steps run."""
+    root, flags, work = gpu_run
+    argv = ["--preset", "toy", *flags, "--device", "cuda", "--num_workers", "2", "--work_dir", str(tmp_path),
+            "--cam_weights_name", str(tmp_path / "cam.pth"), "--wood_weights_name", str(tmp_path / "wood.pth"),
+            "--irn_weights_name", str(tmp_path / "irn.pth"), "--ir_label_out_dir", str(tmp_path / "ir_label"),
+            "--ir_label_cam_dir", str(work / "wood_advcam"), "--train_list", "train", "--seg_train_list", "train",
+            "--seg_label_dir", str(work / "pseudo_mask"), "--seg_weights_name", str(tmp_path / "seg.pth"),
+            "--train_cam_pass", "true", "--mine_ood_pass", "true",
+            "--train_wood_pass", "true", "--cam_to_ir_label_pass", "true", "--train_irn_pass", "true",
+            "--train_seg_pass", "true"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           "run_sample.py", *argv], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert all((tmp_path / name).is_file() for name in ("cam.pth", "wood.pth", "irn.pth", "seg.pth"))
