@@ -7,7 +7,7 @@
 #   3. bench/make_cam.py --device cuda on ToyVOC's 120 train images (width 16) and on 40 VOC-sized
 #      375x500 images with the real ResNet-50 width (64), also with --make_cam_batch 8 (fp32, bf16);
 #   4. bench/advcam_speed.py --voc_sized --device cuda: the literal docs/method.md §4.6 loop against make_advcam
-#      with 1, 4 and 8 images per batch, float32 and --amp bf16, channels_last (issue 18's figures);
+#      with 1, 4 and 8 images per batch, float32 and --amp bf16, channels_last;
 #   5. bench/scaling.py: make_cam / make_advcam on 1, 2, 4, 8 processes, as many as there are GPUs.
 # Logs and the run's report go to $OUT (default result/gpu_check). Extra arguments go to the toy run.
 #   bash bench/gpu.sh [--num_workers 8]
@@ -47,7 +47,7 @@ cp result/toy_cuda/summary.md result/toy_cuda/summary.json result/toy_cuda/sampl
 timeout 420 $PY bench/advcam_speed.py --voc_sized --device cuda --n 4 --batch 1 4 --amp none bf16 \
   --channels_last 2>&1 | tee "$DEST/bench_advcam_speed.log"
 
-# issue 17: make_cam / make_advcam on 1, 2, 4, 8 processes (one GPU each), as many as this machine has
+# make_cam / make_advcam on 1, 2, 4, 8 processes (one GPU each), as many as this machine has
 NGPU=$(nvidia-smi -L | wc -l)
 COUNTS=$(for n in 1 2 4 8; do [ "$n" -le "$NGPU" ] && echo -n "$n "; done)
 timeout 420 $PY bench/scaling.py --device cuda --nproc $COUNTS --n 64 --size 375 500 --width 64 --repeats 1 \

@@ -1,4 +1,4 @@
-"""Bad inputs, odd flags and stale outputs (issue 15): each case exits with a status other than 0, prints
+"""Bad inputs, odd flags and stale outputs: each case exits with a status other than 0, prints
 one line that names the flag or file and the fix, and writes or changes no output.
 
 - training guards: a NaN loss (--cam_learning_rate 1e8) stops train_cam, no weights file;

@@ -1,4 +1,4 @@
-"""The W-OoD README followed literally (issue 13): its file layout is the paper preset's, and
+"""The W-OoD README followed literally: its file layout is the paper preset's, and
 bash_run_sample.sh names each missing piece with its README step and place."""
 import os
 import subprocess

@@ -362,7 +362,7 @@ def test_train_wood_bad_ood_input(wood_setup, tmp_path):
 @pytest.mark.filterwarnings("ignore:no image of class")
 def test_train_wood_that_diverges_stops_and_saves_nothing(wood_setup):
     args = wood_setup
-    args.wood_learning_rate, args.ood_coeff = 1e12, 1e6   # the push-down's steps explode (issue 14)
+    args.wood_learning_rate, args.ood_coeff = 1e12, 1e6   # the push-down's steps explode
     with pytest.raises(TrainingDiverged, match=r"train_wood diverged: .* at epoch 1 iteration \d+; nothing was "
                                                r"saved\. Lower .*--wood_learning_rate 1e\+12.*--ood_coeff 1e\+06"):
         train_wood.run(args)

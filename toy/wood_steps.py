@@ -1,4 +1,4 @@
-"""Where does W-OoD fine-tuning blow up? train_wood's first steps, term by term (issue 14's diagnosis).
+"""Where does W-OoD fine-tuning blow up? train_wood's first steps, term by term.
 
     python toy/wood_steps.py --steps 12 -- <run_sample flags of a train_wood run>
 
