@@ -7,7 +7,9 @@ Makes --n fake VOC val images (tests/fakevoc.py, --size H W px) and a random-wei
 --eval_seg_pass true --num_workers N` into a fresh folder. The time is the step's own, as the driver prints it
 ("== step eval_seg done in <s> s": model loading, the val split, the samples.png column (the first 2 train
 images here) and the scoring; not the interpreter's start). The PNGs of every N are compared with the first's
-byte for byte. Prints one line per N, and last `device=<...>`.
+byte for byte. Prints one line per N (with the CPU seconds of the whole run, its processes together, and the
+load average before it: on a shared machine, time the others' processes take is not ours), and last
+`device=<...>`.
 
 On a CPU, --cpu_threads 0 (torch's default: all cores) lets the network's threads compete with the CRF
 processes for the same cores (OpenMP threads spinning against other processes can be many times slower).
@@ -15,6 +17,7 @@ processes for the same cores (OpenMP threads spinning against other processes ca
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -61,14 +64,18 @@ def main():
                    "--work_dir", work, "--seg_weights_name", weights, "--seg_width", str(a.width),
                    "--device", a.device, "--num_workers", str(n), "--cpu_threads", str(a.cpu_threads),
                    "--eval_seg_pass", "true"]
+            load = os.getloadavg()[0]
+            used = resource.getrusage(resource.RUSAGE_CHILDREN)
             text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+            now = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime
             seconds = float(re.search(r"== step eval_seg done in ([\d.]+) s", text).group(1))
             pngs = png_bytes(work)
             first = first or pngs
             same = "identical to" if pngs == first else "DIFFER from"
             print(f"eval_seg --num_workers {n}: {seconds:.1f} s ({a.n} val + 2 sample images, {a.size[0]}x{a.size[1]} "
                   f"px, width {a.width}, --cpu_threads {a.cpu_threads}); PNGs {same} --num_workers {a.workers[0]}'s "
-                  f"({len(pngs)} files)", flush=True)
+                  f"({len(pngs)} files); {cpu:.1f} CPU s (driver included), load {load:.1f} before", flush=True)
     print(f"device={a.device} torch_threads={torch.get_num_threads()} cpus={os.cpu_count()}")
 
 

@@ -124,20 +124,31 @@ def _init_worker(parent_pid):
     torch.set_num_threads(1)
 
 
-def imap_in_processes(fn, jobs, n_workers, window=None):
-    """Yield `fn(*job)` for each tuple of the iterable `jobs`, in order, computed by `n_workers` spawned helper
-    processes (one torch thread each; `fn` module-level, the job's values picklable). At most `window`
-    (default 2 * n_workers) jobs are taken from `jobs` and not yet yielded: a lazy `jobs` (a network's
-    outputs, made in this process meanwhile) keeps memory bounded. A helper's exception is raised here (same
-    type and message); the helpers die with this process and ignore SIGINT, as above. With n_workers <= 1
-    everything runs in this process."""
+@contextlib.contextmanager
+def helper_pool(n_workers):
+    """A pool of `n_workers` spawned helper processes for `imap_in_pool` (one torch thread each; they start at
+    their first job, die with this process and ignore SIGINT, as above), or None with n_workers <= 1. Leaving
+    it waits for the running jobs and drops the queued ones."""
     if n_workers <= 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(os.getpid(),))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def imap_in_pool(pool, fn, jobs, window):
+    """Yield `fn(*job)` for each tuple of the iterable `jobs`, in order, computed in `pool` (helper_pool; `fn`
+    module-level, the jobs picklable), or in this process if `pool` is None. At most `window` jobs are taken
+    from `jobs` and not yet yielded: a lazy `jobs` (a network's outputs, made in this process meanwhile) keeps
+    memory bounded. A helper's exception is raised here (same type and message)."""
+    if pool is None:
         for job in jobs:
             yield fn(*job)
         return
-    window = window or 2 * n_workers
-    pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(os.getpid(),))
     pending = collections.deque()
     try:
         for job in jobs:
@@ -148,4 +159,5 @@ def imap_in_processes(fn, jobs, n_workers, window=None):
         while pending:
             yield pending.popleft().result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for future in pending:  # after an error: the queued jobs are dropped
+            future.cancel()

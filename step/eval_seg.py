@@ -20,7 +20,7 @@ from pydensecrf.utils import unary_from_softmax
 from misc import dist, provenance
 from misc.imutils import read_rgb
 from misc.metrics import score_label_folder
-from misc.parallel import imap_in_processes
+from misc.parallel import helper_pool, imap_in_pool
 from misc.report import add_to_summary, summary_entry
 from misc.summary import N_SAMPLES
 from misc.utils import InputError, palette_voc, save_png
@@ -118,10 +118,11 @@ def write_predictions(folders, img_id, prob, crf_image):
         write_server_png(folders["server"], img_id, preds.get("crf", preds["plain"]))
 
 
-def predict_split(args, model, device, ids, folders):
+def predict_split(args, model, device, ids, folders, pool=None):
     """Write the predictions of `ids` into folders {"plain": dir, "crf": dir or None, "server": dir or None};
     predictions already there are kept only if the same network made them (else the step stops, or with
-    --overwrite recomputes them)."""
+    --overwrite recomputes them). The network runs here; the rest of each image in `pool` (misc.parallel's
+    helper_pool: --num_workers CPU processes, at most twice that many images in flight), or here if None."""
     for kind, folder in folders.items():
         if folder:
             dist.main_first(provenance.claim_folder, folder, "eval_seg", provenance_inputs(args, kind), ".png",
@@ -143,10 +144,7 @@ def predict_split(args, model, device, ids, folders):
                     else quirk_crf_image(image)
             yield folders, img_id, predict_prob(model, image, device), crf_image
 
-    # the CRF (1-3 s a VOC image) in --num_workers CPU processes, at most 2 x that many images in flight;
-    # without a CRF the arg-max and writes are cheaper here than the soft-max's trip to a process
-    n_workers = min(args.num_workers, len(mine)) if folders.get("crf") else 0
-    for _ in imap_in_processes(write_predictions, jobs(), n_workers):
+    for _ in imap_in_pool(pool, write_predictions, jobs(), 2 * args.num_workers):
         progress.update(1)  # an image is counted once all its PNGs are written
     progress.close()
     dist.barrier()  # all predictions exist before anyone scores them
@@ -155,11 +153,18 @@ def predict_split(args, model, device, ids, folders):
 def run(args):
     device = torch.device(args.device)
     model = deeplab_v2(N_CLASSES, args.seg_weights_name, width=args.seg_width).to(device).eval()
+    # the CRF (1-3 s a VOC image) in --num_workers CPU processes (per rank), shared by the splits; without a CRF
+    # the arg-max and writes are cheaper here than the soft-max's trip to another process
+    with helper_pool(args.num_workers if args.seg_crf else 0) as pool:
+        _evaluate(args, model, device, pool)
+
+
+def _evaluate(args, model, device, pool):
     ids = load_img_name_list(args.voc12_root, args.seg_eval_list)
     require_images(args.voc12_root, ids)
     split = os.path.splitext(os.path.basename(args.seg_eval_list))[0]
     folders = {"plain": out_dir(args, split, False), "crf": out_dir(args, split, True) if args.seg_crf else None}
-    predict_split(args, model, device, ids, folders)
+    predict_split(args, model, device, ids, folders, pool)
     for kind, folder in folders.items():
         if folder is None or not dist.is_main():  # scored once, by rank 0
             continue
@@ -172,12 +177,12 @@ def run(args):
     sample_ids = load_img_name_list(args.voc12_root, args.chainer_eval_set)[:N_SAMPLES]
     samples = os.path.join(args.work_dir, f"{args.seg_name}_samples")
     predict_split(args, model, device, sample_ids,
-                  {"plain": samples + "_nocrf", "crf": samples} if args.seg_crf else {"plain": samples})
+                  {"plain": samples + "_nocrf", "crf": samples} if args.seg_crf else {"plain": samples}, pool)
     test_ids = _test_ids(args)
     if test_ids is None:
         print(f"eval_seg: no {args.seg_test_list} list with its images under {args.voc12_root}: no server predictions")
         return
     folders = {"plain": out_dir(args, "test", False), "crf": out_dir(args, "test", True) if args.seg_crf else None,
                "server": server_dir(args)}
-    predict_split(args, model, device, test_ids, folders)
+    predict_split(args, model, device, test_ids, folders, pool)
     print(f"eval_seg: {len(test_ids)} test predictions in {server_dir(args)} (zip `results/` for the server)")

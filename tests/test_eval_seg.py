@@ -9,7 +9,7 @@ from PIL import Image
 
 import run_sample
 from fakevoc import make_fake_voc
-from misc.parallel import imap_in_processes
+from misc.parallel import helper_pool, imap_in_pool
 from misc.report import read_summary
 from misc.utils import InputError, error_line
 from net.deeplab_v2 import deeplab_v2
@@ -133,9 +133,18 @@ def _fail_on(value):
 
 
 def test_an_error_in_a_pool_process_reaches_the_caller_as_one_line():
-    assert list(imap_in_processes(_fail_on, [(0,), (1,), (2,)], 2)) == [0, 10, 20]
-    with pytest.raises(InputError) as caught:
-        list(imap_in_processes(_fail_on, [(v,) for v in range(8)], 2))
+    taken = []
+
+    def jobs():
+        for value in range(8):
+            taken.append(value)
+            yield (value,)
+
+    with helper_pool(2) as pool:
+        assert list(imap_in_pool(pool, _fail_on, [(0,), (1,), (2,)], 4)) == [0, 10, 20]
+        with pytest.raises(InputError) as caught:
+            for n_yielded, _ in enumerate(imap_in_pool(pool, _fail_on, jobs(), 2), 1):
+                assert len(taken) <= n_yielded + 2  # the window (2) and the one yielded
     assert error_line(caught.value) == "item 3 is bad"
 
 
