@@ -3,6 +3,7 @@
     python bench/advcam_speed.py                                   # small and fast, for a 2-core CPU
     python bench/advcam_speed.py --voc_sized --device cuda --amp none bf16 --batch 1 4 8
     python bench/advcam_speed.py --voc_sized --scales 1.0 --n 2 --batch 1 2 --no_warmup   # on a CPU: ~20 min
+    python bench/advcam_speed.py --voc_sized --labels 4 --no_literal --device cuda --amp none bf16 --batch 1 4
     (--voc_sized: 375x500 images, full-width ResNet-50 (width 64), adv_iter 27, scales 1.0 0.5 1.5 2.0)
 
 The literal loop (`literal_image_advcam`, also the reference of tests/test_advcam.py) follows docs/method.md §4.6
@@ -20,6 +21,9 @@ timing): the timed part is the AdvCAM work of the step, images to maps in memory
 device, the largest |difference| of its `cam` / `high_res` maps from the literal loop's, and the best
 mIoU (eval_cam's threshold sweep against the fake ground truth) of both, whose difference is what
 --amp bf16 must keep under 0.1 point (with random weights the mIoU itself means nothing).
+--labels N gives every image N label classes (its own, then the next class indices): AdvCAM's work grows
+with the label count. --no_literal times make_advcam alone (seconds per image and, on CUDA, the peak memory
+torch allocated during each variant's runs: `torch.cuda.max_memory_allocated`).
 Last line: `images_per_s=<best variant> literal_images_per_s=<lit> speedup=<x> max_abs_diff=<v>
 device=<d>`, max_abs_diff over the float32 variants.
 """
@@ -167,6 +171,8 @@ def main():
     p.add_argument("--width", type=int, default=8, help="backbone width (64 = the real ResNet-50)")
     p.add_argument("--adv_iter", type=int, default=6)
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 1.5, 2.0])
+    p.add_argument("--labels", type=int, default=None, help="label classes per image (default: the image's own)")
+    p.add_argument("--no_literal", action="store_true", help="time make_advcam's path only")
     p.add_argument("--voc_sized", action="store_true",
                    help="375x500 images, width 64, adv_iter 27 (overrides --size/--width/--adv_iter)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="make_advcam's --advcam_batch values")
@@ -191,6 +197,11 @@ def main():
                              sizes=[tuple(a.size)], n_classes=20, seed=a.seed)
         dataset = VOC12ClassificationDatasetMSF(info["train"], info["root"], scales=a.scales)
         packs = [dataset[i] for i in range(len(dataset))]
+    if a.labels:
+        for pack in packs:  # the image's own classes first, then the lowest others
+            label = torch.as_tensor(pack["label"])
+            order = torch.argsort(-label, stable=True)  # own classes (1) before the rest (0), ascending within
+            pack["label"] = torch.zeros_like(label).index_fill_(0, order[:a.labels], 1)
     n_runs = sum(int(pk["label"].sum()) for pk in packs)
     step_args = {amp: driver_args(adv_iter=a.adv_iter, amp=amp, channels_last=a.channels_last) for amp in a.amp}
     paper = driver_args()  # the regulariser's constants, from the driver's parser (its one source of configuration)
@@ -201,15 +212,19 @@ def main():
                 for amp in a.amp for b in a.batch]
     thresholds = [round(0.05 * i, 2) for i in range(1, 13)]
 
+    sides = ([] if a.no_literal else [("literal loop", None, None)]) + variants
     if not a.no_warmup:  # allocator, cuDNN autotuning: on the first image, not timed
-        run_literal(model, packs[:1], rule, device)
+        if not a.no_literal:
+            run_literal(model, packs[:1], rule, device)
         for _, b, amp in variants:
             run_ours(fast_model, packs[:1], step_args[amp], b)
-    rates = {name: [] for name in ["literal loop"] + [v[0] for v in variants]}
-    outputs = {}
+    rates = {name: [] for name, _, _ in sides}
+    outputs, peak_mib = {}, {}
     for r in range(a.repeats):
-        for name, b, amp in [("literal loop", None, None)] + variants:
+        for name, b, amp in sides:
             sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
             with torch.autocast(device.type, enabled=False):
                 out = (run_literal(model, packs, rule, device) if b is None
@@ -218,12 +233,20 @@ def main():
             seconds = time.perf_counter() - start
             rates[name].append(len(packs) / seconds)
             outputs[name] = out
+            if device.type == "cuda":
+                peak_mib[name] = max(peak_mib.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2 ** 20)
             print(f"[run {r + 1}/{a.repeats}] {name}: {seconds:.2f} s, {len(packs) / seconds:.3f} images/s", flush=True)
 
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"\n{len(packs)} images {a.size[0]}x{a.size[1]}, {n_runs} class-runs, width {a.width}, "
           f"adv_iter {a.adv_iter}, scales {a.scales}, {a.threads} thread(s), device {device}{gpu}; "
           f"median of {a.repeats} run(s):")
+    if a.no_literal:
+        for name, _, _ in variants:
+            rate = statistics.median(rates[name])
+            peak = f", peak memory {peak_mib[name]:.0f} MiB" if name in peak_mib else ""
+            print(f"{name}: {1 / rate:.2f} s/image ({rate:.3f} images/s){peak}")
+        return
     literal = statistics.median(rates["literal loop"])
     literal_miou = best_miou(outputs["literal loop"], packs, info["gt"], thresholds)
     print(f"literal loop: {literal:.3f} images/s, best mIoU {literal_miou:.2f}")

@@ -60,17 +60,6 @@ DESIGNS, NPROCS = ("old", "new"), (1, 2)
 
 # ------------------------------------------------------------------------------------------------ data
 
-def make_inputs(root, n_images):
-    """Fake VOC (tests/fakevoc.py) of n_images 500 x 375 train images with IR labels; returns (voc, labels)."""
-    from fakevoc import make_fake_voc
-    voc, labels = os.path.join(root, "VOC2012"), os.path.join(root, "ir_label")
-    info = make_fake_voc(voc, n_train=n_images, n_val=1, n_aug_only=0, n_classes=20, sizes=[(375, 500)], seed=0)
-    os.makedirs(labels)
-    for img_id in info["train"]:  # single-channel PNGs with values 0..20 and 255
-        shutil.copy(os.path.join(voc, "SegmentationClassAug", img_id + ".png"), os.path.join(labels, img_id + ".png"))
-    return voc, labels
-
-
 def nbytes(value):
     if isinstance(value, np.ndarray):
         return value.nbytes
@@ -290,7 +279,8 @@ def main(argv=None):
     started = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="loader_memory_")
     try:
-        voc, labels = make_inputs(tmp, a.n_images)
+        from fakevoc import make_voc_sized_ir_labels
+        voc, labels = make_voc_sized_ir_labels(tmp, a.n_images)
         rows = []
         for design in DESIGNS:
             for nproc in NPROCS:

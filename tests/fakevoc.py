@@ -17,6 +17,7 @@ gt {id: (H, W) uint8}.
 """
 import argparse
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -95,6 +96,19 @@ def make_fake_voc(root, n_train=4, n_val=2, size=64, seed=0, n_aug_only=2, n_cla
         with open(os.path.join(root, "ImageSets", "Segmentation", name + ".txt"), "w") as f:
             f.write("\n".join(split) + "\n")
     return info
+
+
+def make_voc_sized_ir_labels(root, n_images):
+    """A fake VOC of n_images 500 x 375 train images (20 classes) under <root>/VOC2012 and their IR labels
+    under <root>/ir_label (single-channel PNGs, values 0..20 and 255: the fake ground truths); returns both
+    folders. The inputs of train_irn at VOC's image size (bench/loader_memory.py, bench/irn_determinism.py)."""
+    root = os.fspath(root)
+    voc, labels = os.path.join(root, "VOC2012"), os.path.join(root, "ir_label")
+    info = make_fake_voc(voc, n_train=n_images, n_val=1, n_aug_only=0, n_classes=20, sizes=[(375, 500)], seed=0)
+    os.makedirs(labels)
+    for img_id in info["train"]:
+        shutil.copy(os.path.join(voc, "SegmentationClassAug", img_id + ".png"), os.path.join(labels, img_id + ".png"))
+    return voc, labels
 
 
 def make_ood_pool(folder, n, list_file):
