@@ -2,7 +2,7 @@
 
     python bench/loader_memory.py [--n_images 64 --batches 2 --workers 2 --sleep 0.5] [--out results.json]
 
-The dataset is exactly the one step/train_irn.py builds at the paper's settings: VOC12AffinityDataset with a
+The dataset is exactly the one step/train_irn.py builds at the paper's settings: `irn_training_dataset` with a
 PathIndex(radius 10, 128 x 128 label grid), crop 512, rescale (0.5, 1.5), flip, random crop, global batch 32.
 Its inputs are --n_images fake VOC-sized images (tests/fakevoc.py, 500 x 375 JPEG) with IR label PNGs
 (single-channel, values 0..20 and 255: the fake ground truths, 20 classes) written to a temporary folder.
@@ -171,16 +171,13 @@ def worker(a):
     torch.set_num_threads(1)
     from misc import dist, indexing, sampling
     from net.resnet50_irn import FEATURE_STRIDE
-    from step.train_irn import SCALE_RANGE
-    from voc12.affinity import VOC12AffinityDataset
+    from voc12.affinity import irn_training_dataset
 
     dist.init("cpu")
     rank, world = dist.rank(), dist.world()
     grid = CROP // FEATURE_STRIDE
     path_index = indexing.PathIndex(radius=RADIUS, default_size=(grid, grid))
-    dataset = VOC12AffinityDataset("train", label_dir=a.labels, crop_size=CROP, voc12_root=a.voc,
-                                   indices_from=path_index.src_indices, indices_to=path_index.dst_indices,
-                                   rescale=SCALE_RANGE, hor_flip=True, crop_method="random")
+    dataset = irn_training_dataset("train", a.labels, CROP, a.voc, path_index)
     log_dir = os.path.join(a.result_dir, f"{a.design}{world}_rank{rank}")
     os.makedirs(log_dir)
     counted = CountingDataset(dataset, log_dir)

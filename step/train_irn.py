@@ -14,10 +14,9 @@ from misc import dist, indexing, provenance, sampling, steptools
 from misc.torchutils import make_poly_optimizer, precision_context, require_finite
 from misc.utils import InputError
 from net.resnet50_irn import FEATURE_STRIDE, PARAM_GROUP_LR_MULT, new_training_module
-from voc12.affinity import VOC12AffinityDataset
+from voc12.affinity import irn_training_dataset
 from voc12.dataloader import VOC12ImageDataset, load_img_name_list
 
-SCALE_RANGE = (0.5, 1.5)  # random_scale of the affinity recipe (docs/method.md §1.2)
 EPS = 1e-5
 INPUT_MULTIPLE = 16  # the network's output stride: crops must be multiples of it
 
@@ -103,11 +102,8 @@ def run(args):
     steptools.require_files(args.ir_label_out_dir, load_img_name_list(args.voc12_root, args.train_list), ".png",
                             "IR labels of --train_list", "cam_to_ir_label writes labels for its --infer_list, "
                             f"which must cover --train_list: run it with --infer_list {args.train_list}")
-    train_dataset = VOC12AffinityDataset(args.train_list, label_dir=args.ir_label_out_dir,
-                                         crop_size=args.irn_crop_size, voc12_root=args.voc12_root,
-                                         indices_from=path_index.src_indices,
-                                         indices_to=path_index.dst_indices,
-                                         rescale=SCALE_RANGE, hor_flip=True, crop_method="random")
+    train_dataset = irn_training_dataset(args.train_list, args.ir_label_out_dir, args.irn_crop_size,
+                                         args.voc12_root, path_index)
     if len(train_dataset) < args.irn_batch_size:
         raise InputError(f"--train_list has {len(train_dataset)} images, fewer than one batch "
                          f"(--irn_batch_size {args.irn_batch_size}); lower the batch size")

@@ -12,6 +12,7 @@ from misc.indexing import GetAffinityLabelFromIndices
 from voc12.dataloader import VOC12SegmentationDataset
 
 LABEL_SCALE = 0.25  # the label grid of the network's stride-4 outputs
+TRAIN_SCALE_RANGE = (0.5, 1.5)  # random_scale of the affinity recipe (docs/method.md §1.2)
 
 
 class VOC12AffinityDataset(VOC12SegmentationDataset):
@@ -31,3 +32,11 @@ class VOC12AffinityDataset(VOC12SegmentationDataset):
         out["aff_bg_pos_label"], out["aff_fg_pos_label"], out["aff_neg_label"] = \
             self.extract_aff_lab_func(reduced_label)
         return out
+
+
+def irn_training_dataset(img_name_list, label_dir, crop_size, voc12_root, path_index):
+    """train_irn's dataset: the affinity recipe (random rescale TRAIN_SCALE_RANGE, flip, random crop) with the
+    affinity labels of `path_index` (a misc.indexing.PathIndex of the crop's label grid)."""
+    return VOC12AffinityDataset(img_name_list, label_dir=label_dir, crop_size=crop_size, voc12_root=voc12_root,
+                                indices_from=path_index.src_indices, indices_to=path_index.dst_indices,
+                                rescale=TRAIN_SCALE_RANGE, hor_flip=True, crop_method="random")
