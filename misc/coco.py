@@ -51,10 +51,16 @@ def image_entry(name, image_size):
     return {"id": image_id(name), "file_name": name + ".jpg", "height": int(height), "width": int(width)}
 
 
+def kept_score(score):
+    """Whether a detection of `score` is written (and drawn in samples.png): score >= 1e-5, compared in float64
+    as the release did (a float32 comparison would keep float32(1e-5))."""
+    return float(score) >= MIN_SCORE
+
+
 def detection_annotations(name, det, first_id):
     """The annotations (with scores) of one image's detections dict, ids from `first_id`; scores < 1e-5 left out."""
     kept = [(mask, category, score) for score, mask, category in zip(det["score"], det["mask"], det["class"])
-            if float(score) >= MIN_SCORE]  # in float64, as the release compared
+            if kept_score(score)]
     return [_annotation(first_id + k, image_id(name), category, mask, score)
             for k, (mask, category, score) in enumerate(kept)]
 

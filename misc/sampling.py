@@ -21,6 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from misc import dist
 
 
+def _pin_memory(device):
+    return torch.device(device).type == "cuda"
+
+
 def stream_id(name):
     """A stable integer for a stream's name (e.g. "train_cam"), so that two loaders never share draws."""
     return zlib.crc32(name.encode())
@@ -90,7 +94,7 @@ def training_loader(dataset, batch_size, seed, stream, num_workers, device, coll
     sampler = RankBatches(len(dataset), batch_size, seed, stream_id(stream))
     kwargs = {"collate_fn": collate_fn} if collate_fn is not None else {}
     return DataLoader(SeededItems(dataset, seed, sampler.stream), batch_sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.device(device).type == "cuda", **kwargs)
+                      pin_memory=_pin_memory(device), **kwargs)
 
 
 def require_same_batch(loader, what):
@@ -119,11 +123,11 @@ def rank_slices(n_items, batch_size):
 def rank_slices_loader(dataset, batch_size, num_workers, device):
     """This rank's slice of every fixed (unshuffled, whole) batch of `dataset`."""
     return DataLoader(dataset, batch_sampler=list(rank_slices(len(dataset), batch_size)), num_workers=num_workers,
-                      pin_memory=torch.device(device).type == "cuda")
+                      pin_memory=_pin_memory(device))
 
 
 def rank_rows_loader(dataset, batch_size, num_workers, device):
     """The rows of every (unshuffled) batch of `dataset` that this rank scores (validation passes)."""
     batches = [rows for rows in rank_rows(len(dataset), batch_size) if rows]
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                      pin_memory=torch.device(device).type == "cuda")
+                      pin_memory=_pin_memory(device))

@@ -12,12 +12,13 @@ A per-image step is then its maths plus a few calls (docs/extending.md, "Add a p
 and gets resume (outputs made by the same inputs are kept), provenance, torchrun sharding, one progress bar and
 one-line errors. `setup(*setup_args, ids)` builds a process's state once (a net, a dataset: it must be a
 module-level function, the CPU pool pickles it) and `write(state, items)` writes the outputs of a group of
-dataset items.
+dataset items. A loader whose items may raise an InputError in a DataLoader worker goes through
+`checked_batches` (or `ErrorsAsValues` + `collate_errors` + `raise_input_errors`) to keep that error one line.
 """
 import os
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from misc import dist, provenance
 from misc.batching import same_size_groups
@@ -156,6 +157,47 @@ class IdDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.ids[index]
+
+
+# ------------------------------------------------------------------------------------------- loaders
+
+class ErrorsAsValues(Dataset):
+    """Return an item's InputError as a value, so the main process raises it with its own message
+    (an exception raised inside a DataLoader worker comes back wrapped in the worker's traceback)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        try:
+            return self.dataset[idx]
+        except InputError as e:
+            return {"input_error": str(e)}
+
+
+def collate_errors(batch):
+    """DataLoader collate of `ErrorsAsValues` items: the first InputError of the batch, else the default."""
+    for item in batch:
+        if "input_error" in item:
+            return {"input_error": item["input_error"]}
+    return torch.utils.data.default_collate(batch)
+
+
+def checked_batches(dataset, **loader_kwargs):
+    """Iterate a DataLoader over `dataset`; an InputError of any item (unreadable image...) is raised
+    in the calling process with its own message. `loader_kwargs` go to DataLoader."""
+    return raise_input_errors(DataLoader(ErrorsAsValues(dataset), collate_fn=collate_errors, **loader_kwargs))
+
+
+def raise_input_errors(batches):
+    """The batches of a loader over `ErrorsAsValues(...)` with `collate_errors`, raising an item's InputError."""
+    for batch in batches:
+        if "input_error" in batch:
+            raise InputError(batch["input_error"])
+        yield batch
 
 
 # ------------------------------------------------------------------------------------------- training

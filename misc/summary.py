@@ -10,6 +10,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from misc.coco import kept_score
 from misc.metrics import cam_to_label
 from misc.report import read_summary
 from misc.utils import atomic_path, load_npz, palette_voc
@@ -31,7 +32,6 @@ SEG_SAMPLES = "deeplab_samples"  # eval_seg's predictions for those rows
 PAPER_INSTANCE = {"ins_seg": ("IRN's instance masks, train, ResNet-50", 46.7)}
 INSTANCE_STEP = "eval_ins_seg"
 INS_SEG = "ins_seg"  # make_ins_seg's folder: the instance column of samples.png
-MIN_SHOWN_SCORE = 1e-5  # instances drawn: those the COCO output keeps (misc/coco.py)
 
 
 def _fmt(x):
@@ -102,7 +102,7 @@ def instance_colours(path, palette=None):
     in its own palette colour (the best-scoring one first), higher scores drawn over lower; black elsewhere."""
     palette = palette_voc() if palette is None else palette
     data = load_npz(path)
-    order = [k for k in np.argsort(-data["score"], kind="stable") if data["score"][k] >= MIN_SHOWN_SCORE]
+    order = [k for k in np.argsort(-data["score"], kind="stable") if kept_score(data["score"][k])]
     index = np.zeros(data["mask"].shape[1:], np.int64)
     for rank, k in reversed(list(enumerate(order))):  # the best last: on top
         index[data["mask"][k]] = min(rank + 1, 254)

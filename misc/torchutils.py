@@ -241,6 +241,8 @@ def cross_entropy(logits, target, ignore_index, reduction="mean"):
     """F.cross_entropy(logits, target, ignore_index=..., reduction=...) over (B, C, H, W) logits. Under
     --deterministic on CUDA, where the NLL loss has no deterministic algorithm, as -log_softmax gathered at the
     targets (the same value up to float rounding; gather's backward is deterministic there)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not _deterministic_cuda(logits):
         return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
     valid = target != ignore_index

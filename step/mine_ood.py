@@ -29,7 +29,6 @@ from net.classifier import load_classifier
 from voc12.dataloader import CAT_LIST
 from wood.data import OoDFeatureDataset, load_ood_list
 from wood.mining import hard_ood_scores, mining_quality, select_hard_ood
-from wood.prototypes import checked_batches
 from wood.review import write_review_page
 
 MANIFEST = "manifest.json"
@@ -63,7 +62,7 @@ def score_candidates(model, dataset, device, num_workers):
     logits, n = [], len(dataset)
     with torch.inference_mode():
         mine = Subset(dataset, dist.shard(list(range(n))))
-        for pack in tqdm(checked_batches(mine, batch_size=1, shuffle=False, num_workers=num_workers),
+        for pack in tqdm(steptools.checked_batches(mine, batch_size=1, shuffle=False, num_workers=num_workers),
                          total=len(mine), desc="mine_ood"):
             logits.append(model(pack["img"].to(device)).float().cpu())
     return dist.gather_shards(torch.cat(logits), n)

@@ -27,7 +27,7 @@ from net.resnet50_cam import PARAM_GROUP_LR_MULT
 from voc12.dataloader import VOC12ClassificationDataset, VOC12ClassificationDatasetMSF, load_gt, load_img_name_list
 from wood import losses
 from wood.data import OoDClassificationDataset, load_ood_list
-from wood.prototypes import ErrorsAsValues, collate_errors, id_prototypes, ood_prototypes, raise_input_errors
+from wood.prototypes import id_prototypes, ood_prototypes
 
 SELECT_FROM_FRACTION = 3 / 4   # checkpoint selection runs in the last quarter of the last epoch
 PROTOTYPES_FILE = "wood_prototypes.npz"
@@ -170,11 +170,13 @@ def run(args):
 
     # each rank reads only its slice of every global ID and OoD batch (misc/sampling.py); every pass over a
     # loader is its next epoch, the OoD one restarting whenever it is exhausted
-    train_loader = sampling.training_loader(ErrorsAsValues(train_dataset), args.wood_batch_size, args.seed,
-                                            "train_wood", args.num_workers, device, collate_fn=collate_errors)
-    ood_loader = sampling.training_loader(ErrorsAsValues(ood_dataset), args.ood_batch_size, args.seed,
-                                          "train_wood_ood", args.num_workers, device, collate_fn=collate_errors)
-    ood_batches = endless(lambda: raise_input_errors(ood_loader))
+    train_loader = sampling.training_loader(steptools.ErrorsAsValues(train_dataset), args.wood_batch_size, args.seed,
+                                            "train_wood", args.num_workers, device,
+                                            collate_fn=steptools.collate_errors)
+    ood_loader = sampling.training_loader(steptools.ErrorsAsValues(ood_dataset), args.ood_batch_size, args.seed,
+                                          "train_wood_ood", args.num_workers, device,
+                                          collate_fn=steptools.collate_errors)
+    ood_batches = endless(lambda: steptools.raise_input_errors(ood_loader))
     val_loader = sampling.rank_rows_loader(val_dataset, args.wood_batch_size, args.num_workers, device)
     # stage1 and stage2 stay as they are: no gradient for them (the release computes and discards it)
     optimizer = make_poly_optimizer(zip(train_only(model, model.wood_param_groups()), PARAM_GROUP_LR_MULT),
@@ -186,7 +188,7 @@ def run(args):
     model.train()
     for epoch in range(args.wood_num_epoches):
         sums = {"loss": 0.0, "cls": 0.0, "dist": 0.0, "ood": 0.0}
-        bar = tqdm(raise_input_errors(train_loader), total=steps_per_epoch, unit="batch",
+        bar = tqdm(steptools.raise_input_errors(train_loader), total=steps_per_epoch, unit="batch",
                    desc=f"train_wood epoch {epoch + 1}/{args.wood_num_epoches}")
         for step, pack in enumerate(bar):
             due = selector is not None and selection_due(epoch, step, args.wood_num_epoches, steps_per_epoch,

@@ -104,6 +104,8 @@ def test_the_deterministic_bilinear_and_cross_entropy_equal_pytorchs(monkeypatch
         torch.testing.assert_close(torchutils.cross_entropy(logits, target, 255, reduction),
                                    torch.nn.functional.cross_entropy(logits, target, ignore_index=255,
                                                                      reduction=reduction))
+    with pytest.raises(ValueError, match="reduction"):  # 'none' would otherwise come back as a mean
+        torchutils.cross_entropy(logits, target, 255, "none")
 
 
 def test_deterministic_mode_is_switched_on_and_off():

@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 import wood.prototypes as prototypes
+from misc.steptools import checked_batches
 from misc.utils import InputError
 from wood.data import OoDFeatureDataset
-from wood.prototypes import checked_batches, class_prototypes, extract_features, kmeans, ood_prototypes
+from wood.prototypes import class_prototypes, extract_features, kmeans, ood_prototypes
 
 
 def literal_class_prototypes(features, labels):

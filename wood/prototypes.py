@@ -8,9 +8,10 @@ batch 1, no augmentation.
 import warnings
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
+from misc.steptools import checked_batches
 from misc.utils import InputError
 
 # rows of the (N, K, D) difference tensor formed at once by `kmeans` (bounds its memory, not its result)
@@ -79,44 +80,6 @@ def kmeans(features, K, n_iter=10):
 
 
 # -------------------------------------------------------------------------------------------- I/O
-
-class ErrorsAsValues(Dataset):
-    """Return an item's InputError as a value, so the main process raises it with its own message
-    (an exception raised inside a DataLoader worker comes back wrapped in the worker's traceback)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, idx):
-        try:
-            return self.dataset[idx]
-        except InputError as e:
-            return {"input_error": str(e)}
-
-
-def collate_errors(batch):
-    for item in batch:
-        if "input_error" in item:
-            return {"input_error": item["input_error"]}
-    return torch.utils.data.default_collate(batch)
-
-
-def checked_batches(dataset, **loader_kwargs):
-    """Iterate a DataLoader over `dataset`; an InputError of any item (unreadable image...) is raised
-    in the calling process with its own message. `loader_kwargs` go to DataLoader."""
-    return raise_input_errors(DataLoader(ErrorsAsValues(dataset), collate_fn=collate_errors, **loader_kwargs))
-
-
-def raise_input_errors(batches):
-    """The batches of a loader over `ErrorsAsValues(...)` with `collate_errors`, raising an item's InputError."""
-    for batch in batches:
-        if "input_error" in batch:
-            raise InputError(batch["input_error"])
-        yield batch
-
 
 def extract_features(model, dataset, device, num_workers=0, desc="features"):
     """(N, D) features `feature_list(img)[1][-1]` of every item of `dataset` (batch 1, eval mode),
